@@ -1,0 +1,1 @@
+"""Benchmarks and the slow reference rules they compare against."""

@@ -1,0 +1,104 @@
+"""Datasets and loaders from command-line options (shared by every script)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from datasets.class_balance import class_balanced_list
+from datasets.cityscapes import CityscapesDataset
+from datasets.errors import DatasetError
+from datasets.gta5 import GTA5Dataset
+from datasets.label_info import load_label_info
+from datasets.sampler import ShardSampler, StreamSampler
+from datasets.transforms import JointAugment
+
+
+def make_augment(args: Any, colour: bool = True) -> JointAugment:
+    """The joint augmentation of SPEC section 1 from ``--resize --rcrop --hflip --clrjit_params --noaug``."""
+    return JointAugment(
+        resize=args.resize,
+        crop_wh=tuple(args.rcrop),
+        hflip=args.hflip,
+        clrjit=tuple(args.clrjit_params) if colour else (0.0, 0.0, 0.0, 0.0),
+        enabled=not args.noaug,
+    )
+
+
+def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]:
+    """The class-balanced GTA5 order (SPEC section 1), cached under ``cache_dir``.
+
+    The cache key covers everything that changes the list: the label-info file's bytes, the
+    number of draws and the seed.
+    """
+    info_path = os.path.join(root, "gtav_label_info.p")
+    label_to_file, file_to_label = load_label_info(info_path)
+    max_iters = args.num_steps * args.batch_size * args.world_size
+    with open(info_path, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:12]
+    key = f"class_balance_{digest}_{max_iters}_{args.random_seed}_{args.num_classes}.json"
+    cache = os.path.join(cache_dir, key) if cache_dir else None
+    if cache and os.path.isfile(cache):
+        try:
+            with open(cache) as f:
+                names = json.load(f)
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                return names
+        except (OSError, ValueError):
+            pass
+    names = class_balanced_list(label_to_file, file_to_label, max_iters, seed=1234,
+                                num_classes=args.num_classes)
+    if cache:
+        from utils.checkpoint import atomic_write
+
+        atomic_write(cache, lambda f: f.write(json.dumps(names)), mode="w")
+    return names
+
+
+def source_train_dataset(args: Any, cache_dir: str | None = None):
+    """GTA5 (class-balanced order) or SYNTHIA training set."""
+    if args.src_dataset == "synthia":
+        from datasets.synthia import SynthiaDataset
+
+        return SynthiaDataset(args.src_rootpath, img_size=args.src_img_size, augment=make_augment(args),
+                              seed=args.random_seed, num_classes=args.num_classes)
+    names = balanced_file_list(args, args.src_rootpath, cache_dir)
+    return GTA5Dataset(args.src_rootpath, img_size=args.src_img_size, augment=make_augment(args),
+                       seed=args.random_seed, file_list=names, skip_bad_images=args.skip_bad_images,
+                       num_classes=args.num_classes)
+
+
+def target_train_dataset(args: Any, soft_labels: bool = False, augment: bool = True) -> CityscapesDataset:
+    return CityscapesDataset(
+        args.tgt_rootpath, split="train", img_size=args.tgt_img_size,
+        augment=make_augment(args) if augment else None, seed=args.random_seed,
+        soft_labels_folder=args.soft_labels_folder if soft_labels else None,
+        num_classes=args.num_classes,
+    )
+
+
+def target_val_dataset(args: Any) -> CityscapesDataset:
+    return CityscapesDataset(args.tgt_rootpath, split="val", img_size=args.tgt_img_size, augment=None,
+                             seed=args.random_seed, num_classes=args.num_classes)
+
+
+def stream(dataset, batch_per_rank: int, env: Any, args: Any, start_batch: int, num_workers: int) -> Iterator[dict]:
+    """Endless batches of ``dataset`` for this rank, starting at batch ``start_batch``."""
+    from utils.engine import make_loader
+
+    if len(dataset) == 0:
+        raise DatasetError(f"{getattr(dataset, 'root', 'dataset')}: no training images")
+    sampler = StreamSampler(len(dataset), batch_per_rank, env.world_size, env.rank, seed=args.random_seed,
+                            shuffle=not args.noshuffle, start_iter=start_batch)
+    return iter(make_loader(dataset, sampler, batch_per_rank, num_workers, env))
+
+
+def shard_loader(dataset, batch_per_rank: int, env: Any, num_workers: int):
+    """Every sample exactly once over all ranks, no padding (validation, soft labels)."""
+    from utils.engine import make_loader
+
+    sampler = ShardSampler(len(dataset), env.world_size, env.rank)
+    return make_loader(dataset, sampler, batch_per_rank, num_workers, env)

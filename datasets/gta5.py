@@ -1,0 +1,278 @@
+"""GTA5 source dataset (SPEC section 1, "GTA5 (source)").
+
+Also holds the small reading helpers shared by the other loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import DatasetError
+from .labels import encode_labels
+from .transforms import JointAugment, to_chw_tensor
+
+Key = int | tuple[int, int] | Sequence[int]
+
+# Image and label may differ in size by a rounding error; beyond this relative aspect
+# difference they cannot show the same frame and we refuse the pair.
+_MAX_ASPECT_DIFF = 0.02
+
+
+def parse_key(key: Any, length: int) -> tuple[int, int]:
+    """Split a dataset key into ``(epoch, index)``; a plain int means epoch 0."""
+    if isinstance(key, torch.Tensor):
+        key = key.tolist()
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key is an int or (epoch, index), got {key!r}")
+        epoch, index = int(key[0]), int(key[1])
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        epoch, index = 0, int(key)
+    else:
+        raise TypeError(f"a dataset key is an int or (epoch, index), got {key!r}")
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
+    return epoch, index
+
+
+def sample_rngs(seed: int, domain: str, epoch: int, index: int
+                ) -> tuple[random.Random, torch.Generator]:
+    """Per-sample generators, a pure function of ``(seed, domain, epoch, index)``.
+
+    ``random.Random`` seeded with a string hashes it with SHA-512, so this is the same in
+    every process (no dependence on ``PYTHONHASHSEED`` or on the worker). The torch
+    generator (colour jitter) is seeded from the first draw of the Python one.
+    """
+    rng = random.Random(f"{seed}|{domain}|{epoch}|{index}")
+    gen = torch.Generator()
+    gen.manual_seed(rng.getrandbits(63))
+    return rng, gen
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as uint8 RGB HxWx3; DatasetError naming the file if it fails."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        if not os.path.isfile(path):
+            raise DatasetError(f"{path}: image file not found")
+        raise DatasetError(f"{path}: cannot read image (corrupt or not an image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_label_ids(path: str) -> np.ndarray:
+    """Read a single-channel label-id PNG (grey or palette) as an HxW integer array.
+
+    Palette PNGs (GTA5) are read with PIL so that we get the palette indices, which are
+    the label ids; OpenCV would expand them to colours.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise DatasetError(
+                    f"{path}: label must be a single-channel (grey or palette) PNG, "
+                    f"got mode {im.mode}"
+                )
+            arr = np.asarray(im)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"{path}: cannot read label ({e})") from None
+    return arr
+
+
+def check_pair_sizes(img_path: str, img_hw: tuple[int, int], lbl_path: str,
+                     lbl_hw: tuple[int, int]) -> None:
+    """Image and label must show the same frame (same size, or the same aspect ratio)."""
+    if img_hw == lbl_hw:
+        return
+    a_img = img_hw[1] / img_hw[0]
+    a_lbl = lbl_hw[1] / lbl_hw[0]
+    if abs(a_img - a_lbl) / a_img > _MAX_ASPECT_DIFF:
+        raise DatasetError(
+            f"{lbl_path}: label size {lbl_hw[1]}x{lbl_hw[0]} (WxH) does not match image "
+            f"{img_path} of size {img_hw[1]}x{img_hw[0]}"
+        )
+
+
+def resize_pair(img: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Resize image (bilinear) and label (nearest) to ``size_wh``; no-op when equal."""
+    w, h = size_wh
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    if label is not None and label.shape[:2] != (h, w):
+        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    return img, label
+
+
+def augment_or_whole(
+    augment: JointAugment | None,
+    img: np.ndarray,
+    label: np.ndarray | None,
+    rng: random.Random,
+    gen: torch.Generator,
+) -> dict[str, Any]:
+    """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields."""
+    if augment is None:
+        h, w = img.shape[:2]
+        out_img = to_chw_tensor(img)
+        out_lbl = None if label is None else torch.from_numpy(np.ascontiguousarray(label))
+        params = {"resized_hw": (h, w), "crop_box": (0, h, 0, w), "flip": False}
+    else:
+        out_img, out_lbl, params = augment(img, label, rng, gen)
+    sample: dict[str, Any] = {"img": out_img}
+    if out_lbl is not None:
+        sample["label"] = out_lbl
+    sample["resized_hw"] = torch.tensor(params["resized_hw"], dtype=torch.int64)
+    sample["crop_box"] = torch.tensor(params["crop_box"], dtype=torch.int64)
+    sample["flip"] = torch.tensor(params["flip"], dtype=torch.bool)
+    return sample
+
+
+def require_dir(path: str, what: str) -> None:
+    """DatasetError unless ``path`` is a folder."""
+    if not os.path.isdir(path):
+        raise DatasetError(f"{path}: {what} folder not found")
+
+
+def _split_names(split_path: str) -> list[str]:
+    """All image names of split.mat (train + val + test ids, 1-based), sorted."""
+    import scipy.io
+    from scipy.io.matlab import MatReadError
+
+    if not os.path.isfile(split_path):
+        raise DatasetError(f"{split_path}: GTA5 split file not found")
+    try:
+        mat = scipy.io.loadmat(split_path)
+    except (MatReadError, OSError, ValueError, TypeError, KeyError, EOFError) as e:
+        raise DatasetError(f"{split_path}: cannot read MATLAB split file ({e})") from None
+    ids: set[int] = set()
+    for key in ("trainIds", "valIds", "testIds"):
+        if key not in mat:
+            raise DatasetError(f"{split_path}: missing '{key}' in the split file")
+        arr = np.asarray(mat[key]).reshape(-1)
+        if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr < 1)):
+            raise DatasetError(f"{split_path}: '{key}' must hold 1-based image numbers")
+        ids.update(int(v) for v in arr)
+    if not ids:
+        raise DatasetError(f"{split_path}: the split file lists no image")
+    return [f"{i:05d}.png" for i in sorted(ids)]
+
+
+class GTA5Dataset(Dataset):
+    """GTA5 images and encoded labels, resized to ``img_size`` then augmented.
+
+    ``img_size`` is ``(W, H)`` (default 1914x1052, SPEC section 1). The order of samples
+    is ``file_list`` (the class-balanced list of label names, see
+    :func:`datasets.class_balance.class_balanced_list`) when given, else every image of
+    ``split.mat`` (train, val and test ids together), sorted. Keys are ``int`` or
+    ``(epoch, index)``; all randomness is seeded from ``(seed, "source", epoch, index)``.
+    ``split`` is kept for interface symmetry: as in the original, training uses the
+    train, val and test ids of ``split.mat`` together.
+
+    Image and label files of slightly different sizes but the same aspect ratio are
+    accepted (both are resized to ``img_size`` independently, as the original does);
+    a pair whose aspect ratios differ by more than 2% raises :class:`DatasetError`.
+    """
+
+    domain = "source"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str = "train",
+        img_size: Sequence[int] = (1914, 1052),
+        augment: JointAugment | None = None,
+        seed: int = 1234,
+        file_list: Sequence[str] | None = None,
+        skip_bad_images: bool = False,
+        num_classes: int = 19,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.split = split
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.augment = augment
+        self.seed = int(seed)
+        self.skip_bad_images = bool(skip_bad_images)
+        self.num_classes = int(num_classes)
+        require_dir(self.root, "GTA5 root")
+        self.image_dir = os.path.join(self.root, "images")
+        self.label_dir = os.path.join(self.root, "labels")
+        require_dir(self.image_dir, "GTA5 images")
+        require_dir(self.label_dir, "GTA5 labels")
+        if file_list is None:
+            names = _split_names(os.path.join(self.root, "split.mat"))
+        else:
+            names = [str(n) for n in file_list]
+            if not names:
+                raise DatasetError(f"{self.root}: the GTA5 file list is empty")
+        self._check_files(names)
+        self.files = names
+        self._warned: set[str] = set()
+
+    @property
+    def label_info_path(self) -> str:
+        """Path of ``gtav_label_info.p`` in the dataset root."""
+        return os.path.join(self.root, "gtav_label_info.p")
+
+    def _check_files(self, names: list[str]) -> None:
+        """Every listed name must exist in images/ and labels/ (one directory listing)."""
+        images = set(os.listdir(self.image_dir))
+        labels = set(os.listdir(self.label_dir))
+        for name in dict.fromkeys(names):
+            if name not in images:
+                raise DatasetError(f"{os.path.join(self.image_dir, name)}: image not found")
+            if name not in labels:
+                raise DatasetError(f"{os.path.join(self.label_dir, name)}: label not found")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Image (RGB uint8) and train ids (uint8), both resized to ``img_size``."""
+        name = self.files[index]
+        img_path = os.path.join(self.image_dir, name)
+        lbl_path = os.path.join(self.label_dir, name)
+        img = read_image(img_path)
+        ids = read_label_ids(lbl_path)
+        check_pair_sizes(img_path, img.shape[:2], lbl_path, ids.shape[:2])
+        label = encode_labels(ids, self.num_classes)
+        img, label = resize_pair(img, label, self.img_size)
+        return img, label, img_path
+
+    def _load_with_skip(self, index: int) -> tuple[np.ndarray, np.ndarray, str, int]:
+        """``load_pair``, or with ``skip_bad_images`` the next readable index."""
+        if not self.skip_bad_images:
+            return (*self.load_pair(index), index)
+        for step in range(len(self.files)):
+            i = (index + step) % len(self.files)
+            try:
+                return (*self.load_pair(i), i)
+            except DatasetError as e:
+                name = self.files[i]
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(f"skipping unreadable sample: {e}", stacklevel=3)
+        raise DatasetError(f"{self.root}: no readable image/label pair at all")
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        epoch, index = parse_key(key, len(self))
+        rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
+        img, label, path, used = self._load_with_skip(index)
+        sample = augment_or_whole(self.augment, img, label, rng, gen)
+        sample["path"] = path
+        sample["index"] = used
+        return sample

@@ -1,0 +1,148 @@
+"""Offline class thresholds, datasets/get_thresholds.py (SPEC section 5)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.reference_rules import original_get_thresholds
+from datasets.get_thresholds import ThresholdsError, compute_thresholds, default_output_name
+from tests.helpers import PARITY, REPO
+
+SOFT = Path(PARITY) / "soft_labels"
+SCRIPT = Path(REPO) / "datasets" / "get_thresholds.py"
+
+
+def _run(args: list[str], cwd: Path | str, module: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "datasets.get_thresholds", *args] if module else [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def soft_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "gta2city_soft_labels"
+    shutil.copytree(SOFT, folder)
+    return folder
+
+
+def test_cli_matches_original_from_datasets_folder(soft_copy: Path, tmp_path: Path) -> None:
+    expected = np.load(f"{PARITY}/thresholds_expected.npz")
+    out = tmp_path / "out_p0.8.npy"
+    # as the README runs it: from inside datasets/, by file name
+    proc = _run(["0.8", str(soft_copy), "--output", str(out)], cwd=Path(REPO) / "datasets")
+    assert proc.returncode == 0, proc.stderr
+    result = np.load(out)
+    assert result.dtype == np.float64 and result.shape == (19,)
+    np.testing.assert_array_equal(result, expected["p0.8"])
+    # as a module from the repository root
+    out = tmp_path / "out_p0.5.npy"
+    proc = _run(["0.5", str(soft_copy), "--output", str(out), "--quiet"], cwd=REPO, module=True)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(out), expected["p0.5"])
+    assert proc.stdout == ""
+
+
+def test_default_output_name(soft_copy: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    rel = os.path.relpath(soft_copy, work) + "/"  # relative, with a trailing slash
+    proc = _run(["0.80", rel, "--quiet"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(work)) == ["gta2city_soft_labels_thresholds_p0.8.npy"]
+    assert default_output_name("a/b/soft/", 0.5) == "soft_thresholds_p0.5.npy"
+    assert default_output_name("soft", 1e-05) == "soft_thresholds_p1e-05.npy"
+
+
+def test_in_process_matches_original_rule_with_ties(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        logits = np.round(rng.standard_normal((6, 9, 13)) * 3).astype(np.float32)  # many equal probabilities
+        np.save(tmp_path / f"f{i}.npy", logits)
+    for p in (0.01, 0.3, 0.5, 0.8, 0.999):
+        expected = original_get_thresholds(str(tmp_path), p, num_classes=6)
+        np.testing.assert_array_equal(compute_thresholds(str(tmp_path), p, num_classes=6, progress=False), expected)
+
+
+def test_never_winning_class(tmp_path: Path) -> None:
+    folder = tmp_path / "soft"
+    folder.mkdir()
+    kept = []
+    for name in sorted(os.listdir(SOFT))[:3]:
+        logits = np.load(SOFT / name)
+        logits[5] = -100.0  # pole never wins
+        np.save(folder / name, logits)
+        kept.append(logits)
+    out = tmp_path / "thr.npy"
+    proc = _run(["0.8", str(folder), "--output", str(out), "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "5 (pole)" in warnings[0] and "0.0" in warnings[0]
+    result = np.load(out)
+    assert result[5] == 0.0
+    with pytest.warns(UserWarning, match="pole"):
+        in_process = compute_thresholds(str(folder), 0.8, progress=False)
+    np.testing.assert_array_equal(in_process, result)
+    # the other classes follow the rule
+    probs = [np.exp(x - x.max(0)) / np.exp(x - x.max(0)).sum(0) for x in kept]
+    for c in (0, 13):
+        pool = sorted(np.concatenate([p.max(0)[p.argmax(0) == c] for p in probs]).tolist(), reverse=True)
+        assert result[c] == pool[int(0.8 * len(pool))]
+
+
+def test_float16_input(tmp_path: Path) -> None:
+    folder = tmp_path / "half"
+    folder.mkdir()
+    for name in os.listdir(SOFT):
+        np.save(folder / name, np.load(SOFT / name).astype(np.float16))
+    expected = original_get_thresholds(str(folder), 0.8)  # converts to float32 before the softmax
+    np.testing.assert_array_equal(compute_thresholds(str(folder), 0.8, progress=False), expected)
+
+
+def _bad_file(folder: Path, name: str, array: np.ndarray) -> None:
+    folder.mkdir()
+    shutil.copy(SOFT / sorted(os.listdir(SOFT))[0], folder)
+    np.save(folder / name, array)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "not found"),
+        ("empty", "no .npy files"),
+        ("ndim", "bad_ndim.npy"),
+        ("classes", "bad_classes.npy"),
+        ("p_high", "between 0 and 1"),
+        ("p_zero", "between 0 and 1"),
+    ],
+)
+def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
+    folder, p = tmp_path / "soft", "0.8"
+    if case == "empty":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no soft labels here")
+    elif case == "ndim":
+        _bad_file(folder, "bad_ndim.npy", np.zeros((19, 4), dtype=np.float32))
+    elif case == "classes":
+        _bad_file(folder, "bad_classes.npy", np.zeros((18, 4, 4), dtype=np.float32))
+    elif case in ("p_high", "p_zero"):
+        shutil.copytree(SOFT, folder)
+        p = "1.5" if case == "p_high" else "0"
+    before = sorted(os.listdir(tmp_path))
+    proc = _run([p, str(folder), "--quiet"], cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_errors_in_process(tmp_path: Path) -> None:
+    with pytest.raises(ThresholdsError, match="not found"):
+        compute_thresholds(str(tmp_path / "nope"), 0.8, progress=False)
+    with pytest.raises(ThresholdsError, match="between 0 and 1"):
+        compute_thresholds(str(SOFT), 1.0, progress=False)

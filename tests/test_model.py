@@ -1,0 +1,151 @@
+"""Model parity with the original (tests/data/parity/forward_layer1.npz, model_keys.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import CheckpointError, DecoupleNet, FCDiscriminator
+from tests.helpers import PARITY, filled_phase1_checkpoint, filled_sourceonly_checkpoint, filled_state
+
+
+@pytest.fixture(scope="module")
+def filled_net():
+    torch.manual_seed(0)
+    net = DecoupleNet(layer=1)
+    net.load_official(filled_phase1_checkpoint(net))
+    d1 = FCDiscriminator(net.stem_channels, 32)
+    d1.load_state_dict(filled_state("D1", d1.state_dict()))
+    d2 = FCDiscriminator(19, 64)
+    d2.load_state_dict(filled_state("D2", d2.state_dict()))
+    return net.eval(), d1.eval(), d2.eval()
+
+
+def _close(got: torch.Tensor, expected: np.ndarray, rtol: float = 1e-4) -> None:
+    got = got.detach().numpy()
+    scale = np.abs(expected).max()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale)
+
+
+def test_forward_parity_layer1(filled_net):
+    net, d1, d2 = filled_net
+    ref = np.load(os.path.join(PARITY, "forward_layer1.npz"))
+    x = torch.from_numpy(ref["x"])
+    size = x.shape[-2:]
+    with torch.no_grad():
+        stem_src = net.stem(x, "source")
+        _close(stem_src, ref["stem_src"])
+        _close(net(x, domain="source"), ref["logits_src"])
+        logits, aux = net.forward_with_aux(x)
+        _close(logits, ref["logits_tgt"])
+        _close(net(x), ref["logits_tgt"])
+        _close(aux, ref["logits_aux_tgt"])
+        up = F.interpolate(stem_src, size=size, mode="bilinear", align_corners=True)
+        _close(d1(up), ref["d1_src"])
+        prob = F.softmax(F.interpolate(logits, size=size, mode="bilinear", align_corners=True), 1)
+        _close(d2(prob), ref["d2_tgt"])
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_official_key_layout(layer):
+    keys = json.load(open(os.path.join(PARITY, "model_keys.json")))[f"layer{layer}"]
+    net = DecoupleNet(layer=layer)
+    state = net.official_state(phase=1)
+    for group in ("model_B1", "model_B2", "model_B", "head", "classifier", "aux_classifier"):
+        got = [[k, list(v.shape)] for k, v in state[f"{group}_state_dict"].items()]
+        assert got == keys[group], group
+    phase2 = DecoupleNet(layer=layer, decoupled=False, aux=False).official_state(phase=2)
+    assert list(phase2) == [
+        "model_B2_state_dict", "model_B_state_dict", "head_state_dict", "classifier_state_dict"
+    ]
+    d1 = FCDiscriminator(net.stem_channels, 32)
+    d2 = FCDiscriminator(19, 64)
+    assert [[k, list(v.shape)] for k, v in d1.state_dict().items()] == keys["D1"]
+    assert [[k, list(v.shape)] for k, v in d2.state_dict().items()] == keys["D2"]
+
+
+def test_load_formats_and_module_prefix(filled_net):
+    net, _, _ = filled_net
+    ref = net.official_state(phase=1)
+    # phase-2 dict with DDP prefixes into a target-only network
+    phase2 = {
+        g: {f"module.{k}": v for k, v in ref[g].items()}
+        for g in ("model_B2_state_dict", "model_B_state_dict", "head_state_dict", "classifier_state_dict")
+    }
+    target = DecoupleNet(layer=1, decoupled=False, aux=False)
+    assert target.load_official(phase2) == "phase2"
+    for k, v in target.target_stem.state_dict().items():
+        assert torch.equal(v, ref["model_B2_state_dict"][k])
+    # phase-1 dict into a target-only network: source stem ignored
+    assert target.load_official(ref) == "phase1"
+    # source-only dict: backbone into both stems and body, classifier into aux classifier
+    so = filled_sourceonly_checkpoint(layer=1)
+    full = DecoupleNet(layer=1)
+    assert full.load_official(so) == "sourceonly"
+    st = full.official_state(phase=1)
+    for k, v in st["model_B1_state_dict"].items():
+        assert torch.equal(v, st["model_B2_state_dict"][k])
+        assert torch.equal(v, ref["model_B2_state_dict"][k])
+    for k, v in st["classifier_state_dict"].items():
+        assert torch.equal(v, st["aux_classifier_state_dict"][k])
+
+
+def test_load_errors_name_the_key(filled_net):
+    net, _, _ = filled_net
+    ref = net.official_state(phase=1)
+    target = DecoupleNet(layer=1, decoupled=False, aux=False)
+    bad = {k: dict(v) for k, v in ref.items()}
+    del bad["model_B_state_dict"]["0.0.conv1.weight"]
+    with pytest.raises(CheckpointError, match=r"missing key model_B/0\.0\.conv1\.weight"):
+        target.load_official(bad)
+    bad = {k: dict(v) for k, v in ref.items()}
+    bad["head_state_dict"]["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="unexpected key head/extra.weight"):
+        target.load_official(bad)
+    bad = {k: dict(v) for k, v in ref.items()}
+    bad["classifier_state_dict"]["weight"] = torch.zeros(16, 128, 1, 1)
+    with pytest.raises(CheckpointError, match="shape mismatch for classifier/weight"):
+        target.load_official(bad)
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        target.load_official({"state_dict": {}})
+    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+        target.load_official([1, 2])
+    with pytest.raises(CheckpointError, match="missing key model_B2/5"):
+        DecoupleNet(layer=2, decoupled=False, aux=False).load_official(ref)
+
+
+def test_freeze_bn_keeps_statistics():
+    net = DecoupleNet(layer=0, freeze_bn=True, decoupled=False, aux=False).train()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    x = torch.rand(1, 3, 32, 32)
+    net(x).sum().backward()
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    bn = net.target_stem[1]
+    assert not bn.training and not bn.weight.requires_grad and bn.weight.grad is None
+    assert set(net.official_state(2)["model_B2_state_dict"]) >= {"1.num_batches_tracked"}
+
+
+def test_imagenet_missing_file_message(tmp_path):
+    net = DecoupleNet(layer=0, decoupled=False, aux=False)
+    with pytest.raises(FileNotFoundError, match="resnet101-5d3b4d8f.pth"):
+        net.load_imagenet(str(tmp_path / "resnet101-5d3b4d8f.pth"))
+
+
+def test_imagenet_file_loads_into_stems_and_body(tmp_path):
+    import torchvision
+
+    resnet = torchvision.models.resnet101(weights=None)
+    path = tmp_path / "resnet101-5d3b4d8f.pth"
+    torch.save(resnet.state_dict(), path)
+    net = DecoupleNet(layer=1)
+    net.load_imagenet(str(path))
+    assert torch.equal(net.source_stem[0].weight, resnet.conv1.weight)
+    assert torch.equal(net.target_stem[4][0].conv1.weight, resnet.layer1[0].conv1.weight)
+    assert torch.equal(net.body[2][1].conv2.weight, resnet.layer4[1].conv2.weight)

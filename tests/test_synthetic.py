@@ -1,0 +1,91 @@
+"""The synthetic data generator (datasets/synthetic.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from datasets.cityscapes import CityscapesDataset
+from datasets.class_balance import class_balanced_list
+from datasets.gta5 import GTA5Dataset
+from datasets.label_info import load_label_info
+from datasets.labels import encode_labels
+from datasets.synthetic import generate, main
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".mat"
+    }
+
+
+def test_defaults_fast_complete_deterministic(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    roots = generate(tmp_path / "a", seed=1)
+    assert time.perf_counter() - t0 < 5.0
+    gta = Path(roots["gta5"])
+    assert len(list((gta / "images").glob("*.png"))) == 12
+    assert len(list((gta / "labels").glob("*.png"))) == 12
+    mat = scipy.io.loadmat(gta / "split.mat")
+    ids = np.concatenate([mat[k].reshape(-1) for k in ("trainIds", "valIds", "testIds")])
+    assert sorted(ids.tolist()) == list(range(1, 13))
+    assert mat["trainIds"].shape[1] == 1
+    # All 19 classes appear in the source labels; the label info agrees with the labels.
+    l2f, f2l = load_label_info(gta / "gtav_label_info.p")
+    present: set[int] = set()
+    for name, classes in f2l.items():
+        enc = encode_labels(np.array(Image.open(gta / "labels" / name)))
+        assert sorted(set(np.unique(enc).tolist()) - {250}) == classes
+        present |= set(classes)
+    assert present == set(range(19))
+    assert all(len(files) >= 1 for files in l2f)
+    assert len(class_balanced_list(l2f, f2l, 10)) == 3000
+    cs = Path(roots["cityscapes"])
+    train = sorted((cs / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+    val = sorted((cs / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))
+    assert len(train) == 6 and len(val) == 4
+    assert len({p.parent.name for p in train}) >= 2
+    img = cv2.imread(str(train[0]))
+    assert img.shape == (128, 256, 3)
+    # Same seed -> identical files; another seed -> different ones.
+    generate(tmp_path / "b", seed=1)
+    generate(tmp_path / "c", seed=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_domain_shift_and_loaders(tmp_path: Path) -> None:
+    roots = generate(tmp_path, seed=0, size=(96, 64), num_source=4, num_target_train=3,
+                     num_target_val=2, synthia=True)
+    src = GTA5Dataset(roots["gta5"], img_size=(96, 64))
+    tgt = CityscapesDataset(roots["cityscapes"], "val", img_size=(96, 64))
+    assert len(src) == 4 and len(tgt) == 2
+
+    def road_colour(ds):
+        means = []
+        for i in range(len(ds)):
+            s = ds[i]
+            img = s["img"].permute(1, 2, 0).numpy().astype(np.float64)
+            means.append(img[s["label"].numpy() == 0].mean(axis=0))
+        return np.mean(means, axis=0)
+
+    # Same class, clearly different appearance in the two domains.
+    assert np.abs(road_colour(src) - road_colour(tgt)).max() > 10
+    gt = cv2.imread(str(next((Path(roots["synthia"]) / "GT" / "LABELS").glob("*.png"))),
+                    cv2.IMREAD_UNCHANGED)
+    assert gt.dtype == np.uint16 and gt.ndim == 3 and gt[:, :, 2].max() <= 21
+
+
+def test_cli(tmp_path: Path, capsys) -> None:
+    main(["--out", str(tmp_path), "--size", "64,32", "--num_source", "2",
+          "--num_target_train", "2", "--num_target_val", "1", "--seed", "4"])
+    assert "cityscapes" in capsys.readouterr().out
+    assert cv2.imread(str(tmp_path / "gta5" / "images" / "00002.png")).shape == (32, 64, 3)
+    assert not (tmp_path / "synthia").exists()

@@ -1,0 +1,1 @@
+"""Shared helpers: metrics, online class thresholds, phase-2 pseudo labels and more."""

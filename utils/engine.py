@@ -1,0 +1,624 @@
+"""The loop pieces every script shares: run set-up, data loaders, lr schedule, training loop,
+validation, checkpoints, logging.
+
+A training script supplies a :class:`Stage` (what one iteration computes, which optimizers
+exist, the official checkpoint layout) and calls :func:`run_stage`; everything else lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from datasets.errors import DatasetError
+from model import CheckpointError, DecoupleNet
+from utils import distributed as du
+from utils.checkpoint import atomic_save, atomic_write, safe_load
+from utils.metrics import format_iou_table, intersection_and_union, mean_iou
+from utils.options import OptionError
+
+LOG = logging.getLogger("decouplenet")
+LATEST = "latest.pth"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf in a precision where that is not expected (fp32 / bf16)."""
+
+
+class RunError(RuntimeError):
+    """A problem with the run's set-up (folders, files); the message names it."""
+
+
+USER_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, RunError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------- entry point
+def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
+    """Launch ``worker`` (see :func:`utils.distributed.launch`) turning user errors into one line.
+
+    Returns the process exit code: 0, or 2 for a user error (no traceback unless ``--debug``).
+    """
+    try:
+        du.launch(worker, args)
+    except USER_ERRORS as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # mp.spawn wraps child errors: recover their one-line message
+        text = str(exc)
+        if not getattr(args, "debug", False) and "ProcessRaisedException" in type(exc).__name__:
+            names = "|".join(e.__name__ for e in USER_ERRORS)
+            m = re.search(rf"(?:{names}): (.+)", text)
+            if m:
+                print(f"error: {m.group(1).strip()}", file=sys.stderr)
+                return 2
+        raise
+    return 0
+
+
+def _run_guarded(fn: Callable[[du.DistEnv, Any], None], spawn_rank: int, args: Any) -> None:
+    env = du.init_distributed(spawn_rank, args)
+    try:
+        args.world_size = env.world_size
+        fn(env, args)
+    finally:
+        du.cleanup()
+
+
+def training_worker(fn: Callable[[du.DistEnv, Any], None]) -> Callable[[int, Any], None]:
+    """Wrap ``fn(env, args)`` as a per-process worker: init distributed, run, always tear down.
+
+    A ``functools.partial`` of module-level functions, so ``mp.spawn`` can pickle it.
+    """
+    return functools.partial(_run_guarded, fn)
+
+
+# ---------------------------------------------------------------------------- run set-up
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Per-rank seeds for ``random``, NumPy and torch (data randomness is keyed separately)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
+    """Create the snapshot folder, the rank-0 log file and the tensorboard writer.
+
+    Returns the tensorboardX writer (or ``None``). Resolved arguments go to ``args.json``.
+    """
+    folder = args.snapshot_dir
+    if env.is_main:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise RunError(f"--snapshot-dir {folder}: not writable ({exc.strerror})") from None
+    du.barrier()
+    LOG.handlers.clear()
+    LOG.propagate = False
+    LOG.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    LOG.addHandler(console)
+    writer = None
+    if env.is_main:
+        fh = logging.FileHandler(os.path.join(folder, f"{name}.log"), encoding="utf-8")
+        fh.setFormatter(fmt)
+        LOG.addHandler(fh)
+        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        atomic_write(os.path.join(folder, f"{name}_args.json"),
+                     lambda f: f.write(json.dumps(record, indent=2, sort_keys=True, default=str)), mode="w")
+        if getattr(args, "tensorboard", False):
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(folder)
+    LOG.info("%s: rank %d/%d on %s, amp=%s", name, env.rank, env.world_size, env.device,
+             getattr(args, "amp", "off"))
+    return writer
+
+
+def per_rank(total: int, env: du.DistEnv, flag: str) -> int:
+    """Split a total batch over ranks; ``flag`` names the option in the error."""
+    if total % env.world_size != 0:
+        raise OptionError(f"{flag} {total} is not divisible by the world size {env.world_size}")
+    return total // env.world_size
+
+
+def progress(iterable=None, total: int | None = None, initial: int = 0, desc: str = "",
+             env: du.DistEnv | None = None, quiet: bool = False):
+    """tqdm on rank 0 unless ``--quiet``; a plain iterator otherwise."""
+    from tqdm import tqdm
+
+    disable = quiet or (env is not None and not env.is_main)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
+                file=sys.stdout)
+
+
+# ---------------------------------------------------------------------------- data
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, env: du.DistEnv,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader with pinned memory on CUDA and persistent workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def to_device_image(img: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+    """uint8 ``[N,3,H,W]`` -> float ``/255`` on ``device`` (SPEC section 1: no mean/std)."""
+    x = img.to(device, non_blocking=True).float().div_(255.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def to_device_label(label: Tensor, device: torch.device) -> Tensor:
+    return label.to(device, non_blocking=True).long()
+
+
+def workers_per_rank(args: Any, env: du.DistEnv) -> int:
+    return max(0, args.num_workers // env.world_size)
+
+
+# ---------------------------------------------------------------------------- lr schedule
+def poly_lr(base: float, it: int, max_it: int, power: float) -> float:
+    """``base * (1 - it / max_it) ** power`` (SPEC section 3)."""
+    return base * ((1 - float(it) / max_it) ** power)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base: float, it: int, args: Any) -> float:
+    """Poly lr on group 0 and ``10x`` on group 1 (the head group), as the original."""
+    lr = poly_lr(base, it, args.num_steps, args.power)
+    optimizer.param_groups[0]["lr"] = lr
+    if len(optimizer.param_groups) > 1:
+        optimizer.param_groups[1]["lr"] = lr * 10
+    return lr
+
+
+def sgd_for(net: DecoupleNet, args: Any, device: torch.device) -> torch.optim.SGD:
+    """SGD with stems+body at ``lr`` and head+classifiers at ``10 lr`` (SPEC section 3)."""
+    groups = [
+        {"params": [p for p in net.backbone_parameters() if p.requires_grad]},
+        {"params": [p for p in net.head_parameters() if p.requires_grad], "lr": args.learning_rate * 10},
+    ]
+    kw = {"foreach": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **kw)
+
+
+def autocast(args: Any, device: torch.device):
+    if args.amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 250) -> Tensor:
+    """Mean cross entropy over non-ignored pixels; 0 (with a graph) when every pixel is ignored.
+
+    Same value as ``nn.CrossEntropyLoss(ignore_index=...)`` whenever one pixel is valid, without
+    the NaN the original gets on an all-ignored batch, and without a host synchronisation.
+    """
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    valid = (target != ignore_index).sum()
+    return total / valid.clamp(min=1)
+
+
+# ---------------------------------------------------------------------------- network building
+def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False) -> DecoupleNet:
+    """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
+
+    ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
+    ``--resume`` nor the ImageNet file is read.
+    """
+    net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
+                      decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn)
+    if skip_weights:
+        LOG.info("weights come from the training state (--resume_from)")
+    elif args.resume:
+        layout = net.load_official(safe_load(args.resume), origin=args.resume)
+        LOG.info("weights from %s (%s layout)", args.resume, layout)
+    else:
+        net.load_imagenet(args.imagenet)
+        LOG.info("backbone from ImageNet weights %s", args.imagenet)
+    return net
+
+
+def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any) -> nn.Module:
+    """Move to the device, SyncBatchNorm + one DDP wrapper under CUDA DDP, channels_last."""
+    module = module.to(env.device)
+    if args.channels_last and env.device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    if env.world_size > 1:
+        if env.device.type == "cuda" and not args.freeze_bn:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+# ---------------------------------------------------------------------------- validation
+@torch.no_grad()
+def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+             scales: tuple[float, ...] = (1.0,), flip: bool = False,
+             on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
+    """Target-branch mIoU over ``loader`` (SPEC section 3), each image counted once.
+
+    The loader's sampler must shard without padding (``datasets.sampler.ShardSampler``);
+    intersections and unions are summed over ranks. Returns ``(iou_per_class, miou, sample)``
+    where ``sample`` holds the first image, label and prediction of rank 0 for visualisation.
+    """
+    was_training = net.training
+    net.eval()
+    inter = torch.zeros(args.num_classes, dtype=torch.float64, device=env.device)
+    union = torch.zeros_like(inter)
+    sample: dict = {}
+    for batch in progress(loader, desc=desc, env=env, quiet=args.quiet):
+        img = to_device_image(batch["img"], env.device, args.channels_last and env.device.type == "cuda")
+        label = to_device_label(batch["label"], env.device)
+        prob = None
+        for s in scales:
+            x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
+            for flipped in (False, True) if flip else (False,):
+                xi = torch.flip(x, dims=(3,)) if flipped else x
+                with autocast(args, env.device):
+                    logits = net(xi)
+                logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
+                                       align_corners=True)
+                if flipped:
+                    logits = torch.flip(logits, dims=(3,))
+                p = F.softmax(logits, 1) if len(scales) > 1 or flip else logits
+                prob = p if prob is None else prob + p
+        pred = prob.argmax(1)
+        i, u, _ = intersection_and_union(pred, label, args.num_classes, args.ignore_label)
+        inter += i.to(inter)
+        union += u.to(union)
+        if on_batch is not None:
+            on_batch(batch, pred)
+        if not sample:
+            sample = {"img": batch["img"][0], "label": batch["label"][0], "pred": pred[0].cpu()}
+    du.all_reduce_sum(inter)
+    du.all_reduce_sum(union)
+    iou, miou = mean_iou(inter.cpu().numpy(), union.cpu().numpy())
+    net.train(was_training)
+    return iou, miou, sample
+
+
+def sample_figure(sample: dict) -> np.ndarray:
+    """image | ground truth | prediction, side by side (HxWx3 uint8)."""
+    from datasets.labels import colorize
+
+    img = sample["img"].permute(1, 2, 0).numpy()
+    h, w = img.shape[:2]
+    label = colorize(sample["label"].numpy())
+    pred = colorize(sample["pred"].numpy().astype(np.uint8))
+    if label.shape[:2] != (h, w):
+        import cv2
+
+        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+        pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
+    return np.concatenate([img, label, pred], axis=1)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def plain_args(args: Any) -> dict:
+    """Arguments as plain values (loadable with ``weights_only=True``)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (tuple, list)):
+            v = list(v)
+        if v is None or isinstance(v, (bool, int, float, str, list)):
+            out[k] = v
+    return out
+
+
+def find_latest(folder: str) -> str | None:
+    path = os.path.join(folder, LATEST)
+    return path if os.path.isfile(path) else None
+
+
+def resolve_resume_from(args: Any) -> str | None:
+    """``--resume_from auto`` -> ``<snapshot>/latest.pth`` if present; an explicit path must exist."""
+    if not args.resume_from:
+        return None
+    if args.resume_from == "auto":
+        return find_latest(args.snapshot_dir)
+    if not os.path.isfile(args.resume_from):
+        raise RunError(f"--resume_from {args.resume_from}: file not found")
+    return args.resume_from
+
+
+# ---------------------------------------------------------------------------- the stage protocol
+class Stage:
+    """What differs between training scripts. Subclasses set the attributes in :meth:`build`.
+
+    Attributes:
+        net: the :class:`DecoupleNet` (unwrapped).
+        model: the module run each iteration (DDP-wrapped when distributed).
+        optimizers: name -> (optimizer, base lr); the first is the SGD of the network.
+        official_phase: 1 or 2, the checkpoint layout written for best/final checkpoints.
+        source_loader / target_loader: infinite iterators of batches.
+    """
+
+    name = "stage"
+    official_phase = 1
+    checkpoint_prefix = "GTA5"
+
+    def __init__(self, args: Any, env: du.DistEnv) -> None:
+        self.args = args
+        self.env = env
+        self.net: DecoupleNet
+        self.model: nn.Module
+        self.optimizers: dict[str, tuple[torch.optim.Optimizer, float]] = {}
+        self.extra_modules: dict[str, nn.Module] = {}
+        self.resuming = False  # set by run_stage when a training state will be restored
+
+    def build(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def batches(self, start_iter: int) -> Iterator[tuple]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """Forward + loss for one micro-batch; returns losses (``total`` is back-propagated)."""
+        raise NotImplementedError
+
+    def tensorboard_extra(self, writer: Any, it: int) -> None:
+        """Per-stage scalars (thresholds, pseudo-label coverage)."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class Trainer:
+    """The iteration loop shared by source-only, phase 1 and phase 2 training."""
+
+    def __init__(self, stage: Stage, writer: Any, val_loader: DataLoader | None) -> None:
+        self.stage = stage
+        self.args = stage.args
+        self.env = stage.env
+        self.writer = writer
+        self.val_loader = val_loader
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.args.amp == "fp16")
+        self.start_iter = 0
+        self.best_miou = 0.0
+        self.best_path: str | None = None
+
+    # ------------------------------------------------------------------ state
+    def training_state(self, next_iter: int) -> dict:
+        s = self.stage
+        return {
+            "format": "decouplenet-training-state/1",
+            "stage": s.name,
+            "iteration": next_iter,
+            "model": {k: v for k, v in s.net.state_dict().items()},
+            "extra_modules": {k: m.state_dict() for k, m in s.extra_modules.items()},
+            "optimizers": {k: opt.state_dict() for k, (opt, _) in s.optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "best_miou": self.best_miou,
+            "best_path": self.best_path or "",
+            "stage_state": s.extra_state(),
+            "rng": rng_state(),
+            "args": plain_args(self.args),
+        }
+
+    def restore(self, path: str) -> None:
+        state = safe_load(path)
+        if not isinstance(state, dict) or state.get("format") != "decouplenet-training-state/1":
+            raise CheckpointError(f"{path}: not a training state written by this project (latest.pth)")
+        s = self.stage
+        if state["stage"] != s.name:
+            raise CheckpointError(f"{path}: training state of stage {state['stage']!r}, not {s.name!r}")
+        try:
+            s.net.load_state_dict(state["model"])
+            for k, m in s.extra_modules.items():
+                m.load_state_dict(state["extra_modules"][k])
+            for k, (opt, _) in s.optimizers.items():
+                opt.load_state_dict(state["optimizers"][k])
+        except (RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this network/options ({first})") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_iter = int(state["iteration"])
+        self.best_miou = float(state["best_miou"])
+        self.best_path = state["best_path"] or None
+        s.load_extra_state(state["stage_state"])
+        set_rng_state(state["rng"])
+        LOG.info("resumed from %s at iteration %d (best mIoU so far %.4f)", path, self.start_iter,
+                 self.best_miou)
+
+    def save_latest(self, next_iter: int) -> None:
+        if self.env.is_main:
+            atomic_save(self.training_state(next_iter), os.path.join(self.args.snapshot_dir, LATEST))
+
+    def save_official(self, filename: str) -> str:
+        path = os.path.join(self.args.snapshot_dir, filename)
+        atomic_save(self.stage.net.official_state(phase=self.stage.official_phase), path)
+        LOG.info("saved %s", path)
+        return path
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, it: int) -> float:
+        iou, miou, sample = evaluate(self.stage.net, self.val_loader, self.env, self.args)
+        if self.env.is_main:
+            from datasets.labels import class_names
+
+            LOG.info("iter %d validation:\n%s", it, format_iou_table(iou, class_names(self.args.num_classes), miou))
+            fig = sample_figure(sample) if sample else None
+            if fig is not None:
+                import cv2
+
+                cv2.imwrite(os.path.join(self.args.snapshot_dir, "val_sample.png"), fig[:, :, ::-1])
+            if self.writer is not None:
+                self.writer.add_scalar("val/miou", miou, it)
+                for name, v in zip(class_names(self.args.num_classes), iou):
+                    self.writer.add_scalar(f"val_iou/{name}", float(v), it)
+                if fig is not None:
+                    self.writer.add_image("val/sample", fig, it, dataformats="HWC")
+        return miou
+
+    def maybe_save_best(self, it: int, miou: float) -> None:
+        """Write the new best checkpoint first, then remove the previous one (never zero copies)."""
+        if not self.env.is_main or miou <= self.best_miou:
+            return
+        old = self.best_path
+        self.best_miou = miou
+        self.best_path = self.save_official(f"{self.stage.checkpoint_prefix}_{it}_{miou}.pth")
+        if old and old != self.best_path and os.path.exists(old):
+            os.remove(old)
+
+    # ------------------------------------------------------------------ the loop
+    def check_finite(self, values: Tensor, names: list[str], it: int) -> None:
+        if self.args.amp == "fp16":  # the grad scaler skips such steps, as in the original
+            return
+        if not torch.isfinite(values).all():
+            bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {it} ({', '.join(bad)}); stopping. The last good "
+                f"training state is {os.path.join(self.args.snapshot_dir, LATEST)}"
+            )
+
+    def train(self) -> None:
+        args, env, stage = self.args, self.env, self.stage
+        stop = args.num_steps_stop
+        batches = stage.batches(self.start_iter)
+        bar = progress(total=stop, initial=self.start_iter, desc=stage.name, env=env, quiet=args.quiet)
+        t0 = time.time()
+        for it in range(self.start_iter, stop):
+            for opt, base in stage.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+                set_lr(opt, base, it, args)
+            sums: dict[str, Tensor] = {}
+            for sub in range(args.iter_size):
+                batch = next(batches)
+                sync = sub == args.iter_size - 1
+                ctx = (stage.model.no_sync() if not sync and isinstance(stage.model, nn.parallel.DistributedDataParallel)
+                       else contextlib.nullcontext())
+                with ctx:
+                    losses = stage.step(it, batch)
+                    self.scaler.scale(losses["total"] / args.iter_size).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / args.iter_size
+            names = sorted(sums)
+            values = torch.stack([sums[k] for k in names])
+            du.all_reduce_sum(values)
+            values = (values / env.world_size).cpu()
+            self.check_finite(values, names, it)
+            for opt, _ in stage.optimizers.values():
+                self.scaler.step(opt)
+            self.scaler.update()
+            bar.update(1)
+            logged = dict(zip(names, values.tolist()))
+            if env.is_main:
+                if self.writer is not None and it % 10 == 0:
+                    for k, v in logged.items():
+                        self.writer.add_scalar(f"train/{k}", v, it)
+                    for k, (opt, _) in stage.optimizers.items():
+                        self.writer.add_scalar(f"lr/{k}", opt.param_groups[0]["lr"], it)
+                    stage.tensorboard_extra(self.writer, it)
+                if it % args.print_every == 0:
+                    text = ", ".join(f"{k} = {v:.5f}" for k, v in logged.items() if k != "total")
+                    bar.set_postfix_str(text[:80])
+                    LOG.info("iter = %8d/%8d, %s (%.2fs/it)", it, args.num_steps, text,
+                             (time.time() - t0) / max(1, it - self.start_iter + 1))
+            if it >= stop - 1:
+                if env.is_main:
+                    self.save_official(f"{stage.checkpoint_prefix}_{stop}.pth")
+                self.save_latest(it + 1)
+                break
+            if it % args.save_pred_every == 0 and it != 0 and self.val_loader is not None:
+                miou = self.validate(it)
+                self.maybe_save_best(it, miou)
+            if (it + 1) % args.save_latest_every == 0:
+                self.save_latest(it + 1)
+        bar.close()
+        du.barrier()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def val_loader(args: Any, env: du.DistEnv) -> DataLoader:
+    """Cityscapes val, sharded without padding over ranks."""
+    from datasets.build import shard_loader, target_val_dataset
+
+    return shard_loader(target_val_dataset(args), per_rank(args.batch_size_val, env, "--batch_size_val"), env,
+                        min(2, workers_per_rank(args, env)))
+
+
+def run_stage(stage: Stage, writer: Any, with_validation: bool = True) -> Trainer:
+    """Build the stage, restore ``--resume_from`` if given, and train."""
+    path = resolve_resume_from(stage.args)
+    stage.resuming = path is not None
+    stage.build()
+    trainer = Trainer(stage, writer, val_loader(stage.args, stage.env) if with_validation else None)
+    if path:
+        trainer.restore(path)
+    elif stage.args.resume_from == "auto":
+        LOG.info("--resume_from auto: no %s in %s, starting fresh", LATEST, stage.args.snapshot_dir)
+    if trainer.start_iter >= stage.args.num_steps_stop:
+        LOG.info("nothing to do: the training state is already at iteration %d", trainer.start_iter)
+        return trainer
+    trainer.train()
+    return trainer
+
+
+def glob_sorted(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern))

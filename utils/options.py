@@ -1,0 +1,196 @@
+"""Command-line options shared by every script (SPEC section 7).
+
+Every flag of the original keeps its name, default and meaning. Flags the original has but
+never reads are accepted and ignored (listed under "ignored" in ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+STAGES = ("phase1", "phase2", "soft_label", "source_only", "evaluate")
+
+DEFAULTS = {
+    "phase1": {"learning_rate": 2.5e-4, "num_steps": 93750, "num_steps_stop": 60000,
+               "clrjit_params": "0.0,0.0,0.0,0.0", "resume": "./pretrained/sourceonly.pth"},
+    "phase2": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+               "clrjit_params": "0.5,0.5,0.5,0.2", "resume": ""},
+    "soft_label": {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,
+                   "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
+    "source_only": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                    "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
+    "evaluate": {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,
+                 "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
+}
+
+IGNORED = [
+    ("--model", str, "DeepLab"), ("--lambda-seg", float, 0.1), ("--lambda-adv-target1", float, 0.0002),
+    ("--lambda-adv-target2", float, 0.001), ("--set", str, "train"), ("--save-num-images", int, 2),
+    ("--log-dir", str, "./log"), ("--ngpus_per_node", int, 1), ("--pseudo_labels_folder", str, ""),
+]
+IGNORED_FLAGS = ["--random-mirror", "--random-scale", "--is-training", "--not-restore-last",
+                 "--used_save_pseudo"]
+
+
+class OptionError(ValueError):
+    """A command-line value is wrong; the message names the flag."""
+
+
+def _size(text: str, flag: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"{flag}: expected W,H (two integers), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise OptionError(f"{flag}: sizes must be positive, got {text!r}")
+    return w, h
+
+
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The parser of one script; ``stage`` is one of :data:`STAGES`."""
+    d = DEFAULTS[stage]
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("run")
+    g.add_argument("--snapshot-dir", dest="snapshot_dir", default="./snapshots/",
+                   help="folder for logs, checkpoints, tensorboard")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=1 if stage != "phase1" else 1,
+                   help="total batch over all ranks")
+    g.add_argument("--batch_size_val", type=int, default=4, help="total validation batch over all ranks")
+    g.add_argument("--iter-size", dest="iter_size", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--num-workers", dest="num_workers", type=int, default=16,
+                   help="data workers in total (divided by the number of ranks, as the original)")
+    g.add_argument("--gpus", default="0,1", help="GPU ids; with --dist one process per id")
+    g.add_argument("--dist", action="store_true", help="spawn one process per GPU of --gpus (DDP)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU (gloo under --dist)")
+    g.add_argument("--tensorboard", action="store_true", help="write tensorboardX scalars")
+    g.add_argument("--random-seed", dest="random_seed", type=int, default=1234)
+    g.add_argument("--print-every", dest="print_every", type=int, default=20)
+    g.add_argument("--quiet", action="store_true", help="no progress bars (for log files)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    g.add_argument("--amp", choices=["fp16", "bf16", "off"], default=None,
+                   help="mixed precision; default fp16 on CUDA (the original), off on the CPU")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g = p.add_argument_group("data")
+    g.add_argument("--src_dataset", default="gta5", choices=["gta5", "synthia"])
+    g.add_argument("--tgt_dataset", default="cityscapes_train")
+    g.add_argument("--tgt_val_dataset", default="cityscapes_val")
+    g.add_argument("--src_rootpath", default="datasets/gta5")
+    g.add_argument("--tgt_rootpath", default="datasets/cityscapes")
+    g.add_argument("--src_img_size", default=None,
+                   help="W,H source images are resized to (default 1914,1052 GTA5, 1280,760 SYNTHIA)")
+    g.add_argument("--tgt_img_size", default="2048,1024", help="W,H Cityscapes images are resized to")
+    g.add_argument("--resize", type=int, default=2200, help="random-resize base width")
+    g.add_argument("--rcrop", default="896,512", help="random crop W,H")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--clrjit_params", default=d["clrjit_params"], help="brightness,contrast,saturation,hue")
+    g.add_argument("--noaug", action="store_true", help="no resize/crop/flip: the whole image is the sample")
+    g.add_argument("--noshuffle", action="store_true")
+    g.add_argument("--no_droplast", action="store_true", help="accepted; our sample stream never drops")
+    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images with a warning")
+    g = p.add_argument_group("model")
+    g.add_argument("--num-classes", dest="num_classes", type=int, default=19)
+    g.add_argument("--ignore-label", dest="ignore_label", type=int, default=250)
+    g.add_argument("--layer", type=int, default=1, choices=[0, 1, 2], help="stem ends after this layer")
+    g.add_argument("--hidden_dim", type=int, default=128)
+    g.add_argument("--freeze_bn", action="store_true")
+    g.add_argument("--resume", default=d["resume"], help="official-format weights to start from")
+    g.add_argument("--imagenet", default=os.path.join("pretrained", "resnet101-5d3b4d8f.pth"),
+                   help="torchvision ResNet-101 file, used only when --resume supplies no weights")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning-rate", dest="learning_rate", type=float, default=d["learning_rate"])
+    g.add_argument("--learning-rate-D", dest="learning_rate_D", type=float, default=1e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=5e-4)
+    g.add_argument("--power", type=float, default=0.9)
+    g.add_argument("--num-steps", dest="num_steps", type=int, default=d["num_steps"])
+    g.add_argument("--num-steps-stop", dest="num_steps_stop", type=int, default=d["num_steps_stop"])
+    g.add_argument("--save-pred-every", dest="save_pred_every", type=int, default=1000)
+    g.add_argument("--save_latest_every", type=int, default=None,
+                   help="iterations between full training states latest.pth (default --save-pred-every)")
+    g.add_argument("--resume_from", default="", help="continue a run: PATH of latest.pth or 'auto'")
+    g = p.add_argument_group("phase 1")
+    g.add_argument("--gan", default="LS", choices=["LS", "Vanilla"])
+    g.add_argument("--lambda_adv_src", type=float, default=0.1)
+    g.add_argument("--lambda_adv_tgt", type=float, default=0.01)
+    g.add_argument("--lambda_st", type=float, default=0.1)
+    g.add_argument("--conf_bank_length", type=int, default=100000)
+    g.add_argument("--conf_p", type=float, default=0.8)
+    g = p.add_argument_group("phase 2 / soft labels")
+    g.add_argument("--soft_labels_folder", default="")
+    g.add_argument("--thresholds_path", default="")
+    g.add_argument("--src_loss_weight", type=float, default=1.0)
+    g.add_argument("--output_folder", default="")
+    g.add_argument("--skip_existing", action="store_true", help="soft labels: keep files already written")
+    g.add_argument("--soft_label_dtype", default="float32", choices=["float32", "float16"])
+    g = p.add_argument_group("ignored", "flags of the original that it never reads; accepted, ignored")
+    for flag, typ, default in IGNORED:
+        g.add_argument(flag, type=typ, default=default, help=argparse.SUPPRESS)
+    for flag in IGNORED_FLAGS:
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.description = "ignored flags of the original: " + " ".join(f for f, _, _ in IGNORED) + " " + " ".join(IGNORED_FLAGS)
+    del a
+    return p
+
+
+def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Parse compound values and check them; raises :class:`OptionError` naming the flag."""
+    args.stage = stage
+    try:
+        args.gpus = [int(v) for v in str(args.gpus).split(",") if v.strip() != ""]
+    except ValueError:
+        raise OptionError(f"--gpus: expected comma-separated integers, got {args.gpus!r}") from None
+    if not args.gpus:
+        args.gpus = [0]
+    args.rcrop = _size(args.rcrop, "--rcrop") if isinstance(args.rcrop, str) else tuple(args.rcrop)
+    if args.src_img_size is None:
+        args.src_img_size = "1280,760" if args.src_dataset == "synthia" else "1914,1052"
+    if isinstance(args.src_img_size, str):
+        args.src_img_size = _size(args.src_img_size, "--src_img_size")
+    if isinstance(args.tgt_img_size, str):
+        args.tgt_img_size = _size(args.tgt_img_size, "--tgt_img_size")
+    if isinstance(args.clrjit_params, str):
+        try:
+            vals = tuple(float(v) for v in args.clrjit_params.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != 4 or min(vals) < 0:
+            raise OptionError(f"--clrjit_params: expected four non-negative numbers b,c,s,h, got {args.clrjit_params!r}")
+        args.clrjit_params = vals
+    for flag, value in (("--batch-size", args.batch_size), ("--batch_size_val", args.batch_size_val),
+                        ("--iter-size", args.iter_size), ("--num-steps", args.num_steps),
+                        ("--num-steps-stop", args.num_steps_stop), ("--save-pred-every", args.save_pred_every),
+                        ("--print-every", args.print_every)):
+        if value <= 0:
+            raise OptionError(f"{flag}: must be a positive integer, got {value}")
+    if args.num_workers < 0:
+        raise OptionError(f"--num-workers: must be >= 0, got {args.num_workers}")
+    if args.num_steps_stop > args.num_steps:
+        raise OptionError(f"--num-steps-stop ({args.num_steps_stop}) must not exceed --num-steps ({args.num_steps})")
+    if not 0.0 < args.conf_p < 1.0:
+        raise OptionError(f"--conf_p: must be in (0, 1), got {args.conf_p}")
+    if args.save_latest_every is None:
+        args.save_latest_every = args.save_pred_every
+    if args.save_latest_every <= 0:
+        raise OptionError(f"--save_latest_every: must be positive, got {args.save_latest_every}")
+    if args.num_classes not in (19, 16, 13):
+        raise OptionError(f"--num-classes: must be 19, 16 or 13, got {args.num_classes}")
+    if args.amp is None:
+        args.amp = "fp16" if torch.cuda.is_available() and not args.cpu else "off"
+    if args.amp != "off" and (args.cpu or not torch.cuda.is_available()) and args.amp == "fp16":
+        raise OptionError("--amp fp16: needs CUDA; use --amp bf16 or off on the CPU")
+    return args
+
+
+def parse_args(stage: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(stage, description)
+    args = parser.parse_args(argv)
+    try:
+        return finalize(args, stage)
+    except OptionError as exc:
+        parser.exit(2, f"error: {exc}\n")

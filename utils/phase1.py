@@ -1,0 +1,162 @@
+"""Phase 1: decoupled stems, two discriminators, Self-Discrimination with online thresholds.
+
+SPEC section 3. One iteration (per micro-batch) is one forward of :class:`Phase1Objective`,
+which holds the network and both discriminators so that a single DDP wrapper covers every
+parameter and a single backward replaces the original's six (gradients are the same sums).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from model import DecoupleNet, FCDiscriminator, upsample
+from utils import distributed as du
+from utils.engine import LOG, Stage, autocast, build_network, cross_entropy, prepare_for_training, to_device_image, to_device_label, unwrap, workers_per_rank, per_rank
+from utils.thresholds import OnlineClassThresholds
+
+TEMPERATURE = 1.8
+SOURCE_LABEL = 0.0  # discriminator label of the source domain
+TARGET_LABEL = 1.0  # discriminator label of the target domain
+
+
+def gan_loss(kind: str, out: Tensor, label: float) -> Tensor:
+    """LS-GAN (MSE, the default) or vanilla GAN (BCE with logits) against a constant label."""
+    target = torch.full_like(out, label)
+    if kind == "LS":
+        return F.mse_loss(out.float(), target.float())
+    return F.binary_cross_entropy_with_logits(out.float(), target.float())
+
+
+def frozen(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with its parameters detached: gradients reach ``x`` but not the module.
+
+    This is the original's ``requires_grad=False`` around the generator's adversarial terms,
+    without mutating the module (so one backward can also train the discriminator).
+    """
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    return functional_call(module, params, (x,))
+
+
+class Phase1Objective(nn.Module):
+    """Network + D1 + D2; ``forward`` returns every loss of SPEC section 3 steps 3-5."""
+
+    def __init__(self, net: DecoupleNet, d1: FCDiscriminator, d2: FCDiscriminator, args: Any,
+                 pseudo_label_fn) -> None:
+        super().__init__()
+        self.net, self.d1, self.d2 = net, d1, d2
+        self.args = args
+        self.pseudo_label_fn = pseudo_label_fn
+
+    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor) -> dict[str, Tensor]:
+        a, net = self.args, self.net
+        crop = y_s.shape[-2:]
+        # 3. source: B1 -> B -> head -> cls, temperature, CE; D1 sees the stem upsampled to the image.
+        f_s = net.stem(x_s, "source")
+        p_s = upsample(net.classifier(net.decode(f_s)), crop) / TEMPERATURE
+        loss_seg = cross_entropy(p_s, y_s, a.ignore_label)
+        f_s_img = upsample(f_s, x_s.shape[-2:])
+        loss_adv_src = a.lambda_adv_src * gan_loss(a.gan, frozen(self.d1, f_s_img), TARGET_LABEL)
+        # 4. target: B2 -> B -> head; online pseudo labels for the aux classifier (at 1/8).
+        f_t = net.stem(x_t, "target")
+        h_t = net.decode(f_t)
+        q = net.classifier(h_t)
+        with torch.no_grad():
+            pseudo, kept = self.pseudo_label_fn(q.detach())
+        loss_st = a.lambda_st * cross_entropy(net.aux_classifier(h_t), pseudo, a.ignore_label)
+        p_t = upsample(q, x_t.shape[-2:]) / TEMPERATURE
+        loss_adv_tgt = a.lambda_adv_tgt * gan_loss(a.gan, frozen(self.d2, F.softmax(p_t, 1)), SOURCE_LABEL)
+        # 5. discriminators on detached inputs.
+        f_t_img = upsample(f_t.detach(), x_t.shape[-2:])
+        loss_d1 = 0.5 * gan_loss(a.gan, self.d1(f_s_img.detach()), SOURCE_LABEL) + \
+            0.5 * gan_loss(a.gan, self.d1(f_t_img), TARGET_LABEL)
+        loss_d2 = 0.5 * gan_loss(a.gan, self.d2(F.softmax(p_s.detach(), 1)), SOURCE_LABEL) + \
+            0.5 * gan_loss(a.gan, self.d2(F.softmax(p_t.detach(), 1)), TARGET_LABEL)
+        total = loss_seg + loss_adv_src + loss_st + loss_adv_tgt + loss_d1 + loss_d2
+        return {"total": total, "loss_seg": loss_seg, "loss_adv_src": loss_adv_src, "loss_st": loss_st,
+                "loss_adv_tgt": loss_adv_tgt, "loss_D1": loss_d1, "loss_D2": loss_d2,
+                "pseudo_kept": kept}
+
+
+class Phase1Stage(Stage):
+    name = "phase1"
+    official_phase = 1
+
+    def build(self) -> None:
+        args, env = self.args, self.env
+        self.batch = per_rank(args.batch_size, env, "--batch-size")
+        net = build_network(args, decoupled=True, aux=True, skip_weights=self.resuming)
+        d1 = FCDiscriminator(net.stem_channels, ndf=32)
+        d2 = FCDiscriminator(args.num_classes, ndf=64)
+        self.net = net.to(env.device)
+        self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
+                                             device=env.device)
+        objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
+        self.model = prepare_for_training(objective, env, args)
+        inner = unwrap(self.model)
+        self.net, self.d1, self.d2 = inner.net, inner.d1, inner.d2
+        self.extra_modules = {"D1": self.d1, "D2": self.d2}
+        from utils.engine import sgd_for
+
+        adam = {"foreach": True} if env.device.type == "cuda" else {}
+        self.optimizers = {
+            "model": (sgd_for(self.net, args, env.device), args.learning_rate),
+            "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
+                   args.learning_rate_D),
+            "D2": (torch.optim.Adam(self.d2.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
+                   args.learning_rate_D),
+        }
+        self.last_kept = torch.zeros((), device=env.device)
+
+    def pseudo_labels(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Online pseudo labels at 1/8 (SPEC section 3 step 4).
+
+        Update this rank's class banks, average the thresholds over ranks (the original's
+        all-reduce / world size), then ignore pixels below their class threshold. Returns the
+        labels and the fraction of pixels kept. No host synchronisation.
+        """
+        conf, pred = F.softmax(logits.float(), 1).max(1)
+        thresholds = self.tracker.update(conf, pred).clone()
+        du.all_reduce_mean(thresholds)
+        self.tracker.thresholds = thresholds
+        keep = conf >= thresholds[pred]
+        labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
+        self.last_kept = keep.float().mean()
+        return labels, self.last_kept
+
+    def batches(self, start_iter: int):
+        from datasets.build import source_train_dataset, stream, target_train_dataset
+
+        args, env = self.args, self.env
+        workers = max(0, workers_per_rank(args, env) // 2)
+        start = start_iter * args.iter_size
+        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args, start, workers)
+        tgt = stream(target_train_dataset(args), self.batch, env, args, start, workers)
+        while True:
+            yield next(src), next(tgt)
+
+    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+        src, tgt = batch
+        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
+        x_s = to_device_image(src["img"], dev, cl)
+        y_s = to_device_label(src["label"], dev)
+        x_t = to_device_image(tgt["img"], dev, cl)
+        with autocast(self.args, dev):
+            return self.model(x_s, y_s, x_t)
+
+    def tensorboard_extra(self, writer: Any, it: int) -> None:
+        from datasets.labels import class_names
+
+        for name, v in zip(class_names(self.args.num_classes), self.tracker.thresholds.tolist()):
+            writer.add_scalar(f"thresholds/{name}", v, it)
+
+    def extra_state(self) -> dict:
+        return {"thresholds": self.tracker.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["thresholds"])
+        LOG.info("class banks and thresholds restored")

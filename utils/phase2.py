@@ -1,0 +1,124 @@
+"""Phase 2: Online Enhanced Self-Training (SPEC section 6).
+
+One network (the target branch of phase 1). Each iteration: the source CE, then pseudo
+labels for the target crop fused from the saved soft label and the network's own
+prediction on the whole image (both carried through the crop's augmentation on the
+training device), then the target CE. One DDP wrapper, one backward.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from datasets.errors import DatasetError
+from model import DecoupleNet, upsample
+from utils.engine import (LOG, Stage, autocast, build_network, cross_entropy, per_rank, prepare_for_training,
+                          sgd_for, to_device_image, to_device_label, unwrap, workers_per_rank)
+from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
+
+
+def load_thresholds(path: str, num_classes: int) -> np.ndarray:
+    """The class thresholds file of SPEC section 5; one clear error if it does not fit."""
+    if not path:
+        raise DatasetError("--thresholds_path: required for phase 2 (made by datasets/get_thresholds.py)")
+    if not os.path.isfile(path):
+        raise DatasetError(f"--thresholds_path {path}: file not found")
+    try:
+        thr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"--thresholds_path {path}: not a .npy array ({exc})") from None
+    thr = np.asarray(thr, dtype=np.float64).reshape(-1) if thr.ndim <= 1 else thr
+    if thr.ndim != 1 or thr.shape[0] != num_classes:
+        raise DatasetError(f"--thresholds_path {path}: expected {num_classes} values, got shape {tuple(np.shape(thr))}")
+    if not np.isfinite(thr).all():
+        raise DatasetError(f"--thresholds_path {path}: holds non-finite values (NaN/inf) for classes "
+                           f"{np.flatnonzero(~np.isfinite(thr)).tolist()}")
+    return thr
+
+
+class Phase2Objective(nn.Module):
+    """Network wrapper computing the source and target losses of one phase-2 iteration."""
+
+    def __init__(self, net: DecoupleNet, args: Any) -> None:
+        super().__init__()
+        self.net = net
+        self.args = args
+
+    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor, img_full: Tensor, soft: Tensor,
+                resized_hw: Tensor, crop_box: Tensor, flip: Tensor, thresholds: Tensor) -> dict[str, Tensor]:
+        a, net = self.args, self.net
+        # 1. source CE through the target stem (no temperature).
+        loss_src = cross_entropy(upsample(net(x_s), y_s.shape[-2:]), y_s, a.ignore_label)
+        crop_hw = tuple(x_t.shape[-2:])
+        # 2. pseudo labels (no grad; the network stays in train mode, as the original).
+        with torch.no_grad():
+            full_hw = tuple(img_full.shape[-2:])
+            soft_crop = carry_to_crop(soft.float(), full_hw, resized_hw, crop_box, flip)
+            pred_crop = online_prediction_to_crop(net(img_full).float(), crop_hw, resized_hw, crop_box, flip)
+            pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, a.ignore_label)
+        # 3. target CE on the fused pseudo labels.
+        loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, a.ignore_label)
+        total = a.src_loss_weight * loss_src + loss_seg
+        kept = (pseudo != a.ignore_label).float().mean()
+        return {"total": total, "loss_src_seg": loss_src, "loss_seg": loss_seg, "pseudo_kept": kept}
+
+
+class Phase2Stage(Stage):
+    name = "phase2"
+    official_phase = 2
+
+    def build(self) -> None:
+        args, env = self.args, self.env
+        self.batch = per_rank(args.batch_size, env, "--batch-size")
+        if not args.soft_labels_folder:
+            raise DatasetError("--soft_labels_folder: required for phase 2 (made by generate_soft_label.py)")
+        self.thresholds_np = load_thresholds(args.thresholds_path, args.num_classes)
+        from datasets.build import target_train_dataset
+
+        self.target_set = target_train_dataset(args, soft_labels=True)
+        w, h = args.tgt_img_size
+        self.target_set.check_soft_labels(args.num_classes, (h // 8 + (h % 8 > 0), w // 8 + (w % 8 > 0)))
+        net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
+        self.model = prepare_for_training(Phase2Objective(net, args), env, args)
+        self.net = unwrap(self.model).net
+        self.thresholds = torch.as_tensor(self.thresholds_np, dtype=torch.float32, device=env.device)
+        self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
+        from datasets.labels import class_names
+
+        LOG.info("class thresholds from %s: %s", args.thresholds_path,
+                 ", ".join(f"{n}={t:.3f}" for n, t in zip(class_names(args.num_classes), self.thresholds_np)))
+
+    def batches(self, start_iter: int):
+        from datasets.build import source_train_dataset, stream
+
+        args, env = self.args, self.env
+        workers = max(0, workers_per_rank(args, env) // 2)
+        start = start_iter * args.iter_size
+        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args, start, workers)
+        tgt = stream(self.target_set, self.batch, env, args, start, workers)
+        while True:
+            yield next(src), next(tgt)
+
+    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+        src, tgt = batch
+        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
+        x_s = to_device_image(src["img"], dev, cl)
+        y_s = to_device_label(src["label"], dev)
+        x_t = to_device_image(tgt["img"], dev, cl)
+        full = to_device_image(tgt["img_full"], dev, cl)
+        soft = tgt["soft_label"].to(dev, non_blocking=True)
+        with autocast(self.args, dev):
+            return self.model(x_s, y_s, x_t, full, soft, tgt["resized_hw"], tgt["crop_box"], tgt["flip"],
+                              self.thresholds)
+
+    def tensorboard_extra(self, writer: Any, it: int) -> None:
+        if it == 0 or it % 1000 == 0:
+            from datasets.labels import class_names
+
+            for name, v in zip(class_names(self.args.num_classes), self.thresholds_np):
+                writer.add_scalar(f"thresholds/{name}", float(v), it)

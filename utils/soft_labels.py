@@ -1,0 +1,64 @@
+"""Soft labels (SPEC section 4): target-branch logits of every Cityscapes train image."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasets.cityscapes import soft_label_name
+from utils import distributed as du
+from utils.checkpoint import atomic_save_npy
+from utils.engine import LOG, RunError, autocast, build_network, per_rank, progress, to_device_image, workers_per_rank
+
+
+def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
+    """Write ``<output_folder>/<basename>.npy`` = float32 logits ``[C, H/8, W/8]`` before softmax.
+
+    Every image is written exactly once over all ranks (no padded sampler); each file is written
+    atomically, so an interrupted run never leaves a partial file under a final name and
+    ``--skip_existing`` can continue it. Returns the number of files written by this rank.
+    """
+    from datasets.build import shard_loader, target_train_dataset
+
+    if not args.output_folder:
+        raise RunError("--output_folder: required (where the .npy soft labels go)")
+    if not args.resume:
+        raise RunError("--resume: required (the phase-1 or phase-2 checkpoint to label with)")
+    if env.is_main:
+        try:
+            os.makedirs(args.output_folder, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"--output_folder {args.output_folder}: cannot create ({exc.strerror})") from None
+    du.barrier()
+    dataset = target_train_dataset(args, augment=False)
+    total = len(dataset.files)
+    if args.skip_existing:
+        dataset.files = [p for p in dataset.files
+                         if not os.path.isfile(os.path.join(args.output_folder, soft_label_name(p)))]
+        LOG.info("--skip_existing: %d of %d soft labels already there", total - len(dataset.files), total)
+    net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
+    dtype = np.float16 if args.soft_label_dtype == "float16" else np.float32
+    written = 0
+    t0 = time.time()
+    if dataset.files:
+        loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
+                              workers_per_rank(args, env))
+        with torch.no_grad():
+            for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):
+                x = to_device_image(batch["img"], env.device)
+                with autocast(args, env.device):
+                    logits = net(x)
+                logits = logits.float().cpu().numpy()
+                for path, arr in zip(batch["path"], logits):
+                    atomic_save_npy(arr.astype(dtype, copy=False),
+                                    os.path.join(args.output_folder, soft_label_name(path)))
+                    written += 1
+    count = torch.tensor([written], dtype=torch.int64)
+    du.all_reduce_sum(count)
+    LOG.info("soft labels: %d files written to %s in %.1fs (%d already present)", int(count), args.output_folder,
+             time.time() - t0, total - len(dataset.files))
+    return written
