@@ -43,7 +43,10 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, default=14336)
     parser.add_argument("--p", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, length = args.classes, args.bank_length

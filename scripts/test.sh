@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) from requirements.txt and run the test suite.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, tqdm, pytest" 2>/dev/null; then
+    echo "installing requirements into .venv (first run: PyTorch is a few GB, a few minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r requirements.txt pytest
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
