@@ -301,6 +301,27 @@ class DecoupleNet(nn.Module):
         return out
 
 
+def sourceonly_state(net: DecoupleNet) -> OrderedDict:
+    """The source-only layout (``pretrained/sourceonly.pth``, SPEC section 2) of ``net``'s target branch.
+
+    ``model_state_dict`` holds the ResNet as ``backbone.conv1.weight``, ``backbone.layer1.0...``;
+    plus ``head_state_dict`` and ``classifier_state_dict``.
+    """
+    split = 4 + net.layer
+    backbone = OrderedDict()
+    for part, offset in ((net.target_stem, 0), (net.body, split)):
+        for key, value in part.state_dict().items():
+            idx, _, rest = key.partition(".")
+            backbone[f"backbone.{RESNET_CHILDREN[int(idx) + offset]}.{rest}"] = value.detach().cpu().clone()
+    return OrderedDict(
+        model_state_dict=backbone,
+        head_state_dict=OrderedDict((k, v.detach().cpu().clone()) for k, v in net.head.state_dict().items()),
+        classifier_state_dict=OrderedDict(
+            (k, v.detach().cpu().clone()) for k, v in net.classifier.state_dict().items()
+        ),
+    )
+
+
 def _strip_module(key: str) -> str:
     return key[len("module.") :] if key.startswith("module.") else key
 

@@ -8,7 +8,12 @@ import torch
 
 from datasets.labels import CLASS_NAMES_19
 from tests.helpers import PARITY
-from utils.metrics import format_iou_table, intersection_and_union, mean_iou, miou_subsets
+from utils.metrics import (
+    format_iou_table,
+    intersection_and_union,
+    mean_iou,
+    miou_subsets,
+)
 
 
 def _parity() -> dict[str, np.ndarray]:

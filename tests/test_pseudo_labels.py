@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import PARITY
-from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
+from utils.pseudo_labels import (
+    carry_to_crop,
+    fuse_pseudo_labels,
+    online_prediction_to_crop,
+)
 
 FULL_HW = (64, 128)
 CROP_HW = (48, 96)
@@ -114,6 +118,18 @@ def test_fusion_rule() -> None:
     # fused: pixel 0 -> class 0 with 0.7, pixel 1 -> class 1 with 0.65
     assert fuse_pseudo_labels(pred, soft, torch.tensor([0.7, 0.66])).tolist() == [[0, 250]]
     assert fuse_pseudo_labels(pred, soft, torch.tensor([0.71, 0.6]), ignore_label=7).tolist() == [[7, 1]]
+
+
+def test_crop_hw_given_or_read_from_boxes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 8, 16, generator=gen)
+    sizes, boxes = torch.tensor([[20, 40], [24, 48]]), torch.tensor([[1, 13, 2, 26], [5, 17, 20, 44]])
+    flips = torch.tensor([False, True])
+    read = carry_to_crop(x, (16, 32), sizes, boxes, flips)
+    given = carry_to_crop(x, (16, 32), sizes, boxes, flips, crop_hw=(12, 24))
+    assert torch.equal(read, given) and read.shape == (2, 5, 12, 24)
+    with pytest.raises(ValueError, match="crop_hw"):
+        carry_to_crop(x, (16, 32), sizes, boxes, flips, crop_hw=(12, 25))
 
 
 def test_bad_arguments() -> None:

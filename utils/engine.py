@@ -36,6 +36,7 @@ from utils.options import OptionError
 
 LOG = logging.getLogger("decouplenet")
 LATEST = "latest.pth"
+METRICS = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -418,6 +419,10 @@ class Stage:
         """Forward + loss for one micro-batch; returns losses (``total`` is back-propagated)."""
         raise NotImplementedError
 
+    def official_state(self) -> dict:
+        """What best/final checkpoints hold (the official layout of ``official_phase``)."""
+        return self.net.official_state(phase=self.official_phase)
+
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         """Per-stage scalars (thresholds, pseudo-label coverage)."""
 
@@ -491,7 +496,7 @@ class Trainer:
 
     def save_official(self, filename: str) -> str:
         path = os.path.join(self.args.snapshot_dir, filename)
-        atomic_save(self.stage.net.official_state(phase=self.stage.official_phase), path)
+        atomic_save(self.stage.official_state(), path)
         LOG.info("saved %s", path)
         return path
 
@@ -526,6 +531,12 @@ class Trainer:
             os.remove(old)
 
     # ------------------------------------------------------------------ the loop
+    def append_metrics(self, it: int, logged: dict[str, float]) -> None:
+        """One JSON line per iteration in ``<snapshot>/metrics.jsonl``: the losses at full precision
+        (the log rounds them). Appended, so a resumed run continues the same file."""
+        with open(os.path.join(self.args.snapshot_dir, METRICS), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"iter": it, **logged}) + "\n")
+
     def check_finite(self, values: Tensor, names: list[str], it: int) -> None:
         if self.args.amp == "fp16":  # the grad scaler skips such steps, as in the original
             return
@@ -568,6 +579,7 @@ class Trainer:
             bar.update(1)
             logged = dict(zip(names, values.tolist()))
             if env.is_main:
+                self.append_metrics(it, logged)
                 if self.writer is not None and it % 10 == 0:
                     for k, v in logged.items():
                         self.writer.add_scalar(f"train/{k}", v, it)

@@ -128,6 +128,13 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--output_folder", default="")
     g.add_argument("--skip_existing", action="store_true", help="soft labels: keep files already written")
     g.add_argument("--soft_label_dtype", default="float32", choices=["float32", "float16"])
+    if stage == "evaluate":
+        g = p.add_argument_group("evaluation")
+        g.add_argument("--split", default="val", choices=["val", "train", "test"], help="Cityscapes split")
+        g.add_argument("--scales", default="1.0", help="comma-separated test scales, e.g. 0.75,1.0,1.25")
+        g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+        g.add_argument("--save_dir", default="", help="write trainId, colour and side-by-side PNGs here")
+        g.add_argument("--results_json", default="", help="results JSON (default <snapshot-dir>/results.json)")
     g = p.add_argument_group("ignored", "flags of the original that it never reads; accepted, ignored")
     for flag, typ, default in IGNORED:
         g.add_argument(flag, type=typ, default=default, help=argparse.SUPPRESS)
@@ -141,6 +148,13 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
 def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """Parse compound values and check them; raises :class:`OptionError` naming the flag."""
     args.stage = stage
+    if isinstance(getattr(args, "scales", None), str):
+        try:
+            args.scales = tuple(float(v) for v in args.scales.split(","))
+        except ValueError:
+            raise OptionError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+        if not args.scales or min(args.scales) <= 0:
+            raise OptionError(f"--scales: scales must be positive, got {args.scales}")
     try:
         args.gpus = [int(v) for v in str(args.gpus).split(",") if v.strip() != ""]
     except ValueError:

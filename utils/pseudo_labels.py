@@ -16,17 +16,16 @@ crop / flip (softmax after the warp, or before the upsampling, does not match).
 Bilinear resampling with ``align_corners=True`` is separable and linear, so "resize to A,
 then resize to B, then crop, then flip" equals ``Ay @ x @ Ax^T`` with small matrices
 ``Ay = crop(R_B,h) @ R_A,h`` (likewise for the width). :func:`carry_to_crop` builds those
-matrices with PyTorch's own float32 interpolation weights and applies them in float64,
-so only the crop is ever computed: no full-size intermediate (19 x 1024 x 2048 and larger
-in the original). Results agree with the original's chain of ``F.interpolate`` calls to
-about 1e-6.
+matrices on the map's device with PyTorch's own float32 interpolation weights and applies
+them in float64, so only the crop is ever computed: no full-size intermediate
+(19 x 1024 x 2048 and larger in the original). Results agree with the original's chain of
+``F.interpolate`` calls to about 1e-6.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,48 +33,41 @@ from torch import Tensor
 HW = Sequence[int] | Tensor
 
 
-def _interp_matrix(in_size: int, out_size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows ``start:stop`` of the ``[out, in]`` matrix of bilinear ``align_corners=True`` resampling.
+def _resample_rows(base: Tensor, out_size: Tensor, pos: Tensor) -> Tensor:
+    """Rows ``pos`` of "bilinear ``align_corners=True`` resampling to ``out_size``" applied to ``base``.
 
-    Weights are computed in float32 exactly like PyTorch's upsampling kernels
-    (``ratio = (in - 1) / (out - 1)``, ``src = ratio * i``, ``i0 = floor(src)``,
-    ``lambda1 = src - i0``, ``lambda0 = 1 - lambda1``; equal sizes copy).
+    ``base``: float64 ``[S, K]`` (``S`` = the size being resampled); ``out_size``: int64
+    ``[N]``; ``pos``: int64 ``[N, R]`` output positions. Returns ``[N, R, K]``. The weights are
+    computed in float32 exactly like PyTorch's upsampling kernels
+    (``ratio = (S - 1) / (out - 1)``, ``src = ratio * pos``, ``i0 = floor(src)``,
+    ``lambda1 = src - i0``, ``lambda0 = 1 - lambda1``; equal sizes give the identity).
     """
-    rows = np.arange(start, out_size if stop is None else stop)
-    mat = np.zeros((len(rows), in_size), dtype=np.float64)
-    if out_size == in_size:
-        mat[np.arange(len(rows)), rows] = 1.0
-        return mat
-    ratio = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0.0)
-    src = (ratio * rows.astype(np.float32)).astype(np.float32)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    lam1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0)).astype(np.float32)
-    lam0 = (np.float32(1.0) - lam1).astype(np.float32)
-    i1 = i0 + (i0 < in_size - 1)
-    index = np.arange(len(rows))
-    np.add.at(mat, (index, i0), lam0.astype(np.float64))
-    np.add.at(mat, (index, i1), lam1.astype(np.float64))
-    return mat
+    size = base.shape[0]
+    # A tensor-by-tensor division: ``scalar / tensor`` would compute ``reciprocal * scalar``.
+    numerator = torch.full(out_size.shape, size - 1, dtype=torch.float32, device=out_size.device)
+    ratio = torch.where(out_size > 1, numerator / (out_size - 1).clamp_min(1).to(torch.float32), 0.0)
+    src = ratio.unsqueeze(1) * pos.to(torch.float32)
+    i0 = torch.floor(src).to(torch.int64).clamp(0, size - 1)
+    lam1 = (src - i0.to(torch.float32)).clamp(0.0, 1.0)
+    lam0 = 1.0 - lam1
+    i1 = i0 + (i0 < size - 1).to(torch.int64)
+    return lam0.to(torch.float64).unsqueeze(-1) * base[i0] + lam1.to(torch.float64).unsqueeze(-1) * base[i1]
 
 
 def _axis_matrix(
-    in_size: int, via_size: int | None, resized: int, start: int, stop: int, flip: bool
-) -> np.ndarray:
-    """Composed matrix for one axis: resize to ``via``, resize to ``resized``, crop, flip."""
-    if not 0 <= start < stop <= resized:
-        raise ValueError(f"crop [{start}:{stop}] does not fit in the resized size {resized}")
-    mat = _interp_matrix(via_size if via_size is not None else in_size, resized, start, stop)
+    in_size: int, via_size: int | None, resized: Tensor, start: Tensor, length: int, flip: Tensor | None
+) -> Tensor:
+    """``[N, length, in_size]`` float64: resize to ``via``, resize to ``resized``, crop, flip."""
+    dev = resized.device
+    base = torch.eye(in_size, dtype=torch.float64, device=dev)
     if via_size is not None:
-        mat = mat @ _interp_matrix(in_size, via_size)
-    return mat[::-1] if flip else mat
-
-
-def _as_rows(value: HW | bool, width: int | None) -> list:
-    """Per-sample parameters as a list of Python values (rows of ``width`` or scalars)."""
-    rows = torch.as_tensor(value).cpu()  # parameters come from the DataLoader: host data
-    if width is None:
-        return [bool(v) for v in rows.reshape(-1).tolist()]
-    return [list(map(int, r)) for r in rows.reshape(-1, width).tolist()]
+        full = torch.full((1,), via_size, dtype=torch.int64, device=dev)
+        base = _resample_rows(base, full, torch.arange(via_size, device=dev).unsqueeze(0))[0]
+    pos = start.unsqueeze(1) + torch.arange(length, device=dev)
+    mat = _resample_rows(base, resized, pos)
+    if flip is not None:
+        mat = torch.where(flip.view(-1, 1, 1), mat.flip(1), mat)
+    return mat
 
 
 def carry_to_crop(
@@ -84,6 +76,7 @@ def carry_to_crop(
     resized_hw: HW,
     crop_box: HW,
     flip: bool | Tensor,
+    crop_hw: Sequence[int] | None = None,
 ) -> Tensor:
     """Carry a whole-image map through a crop's augmentation (SPEC section 6).
 
@@ -99,37 +92,57 @@ def carry_to_crop(
         crop_box: ``(ys, ye, xs, xe)`` for one sample, ``[N, 4]`` when batched (all crops
             the same size).
         flip: bool for one sample, ``[N]`` bools when batched.
+        crop_hw: the crop size ``(ye - ys, xe - xs)``. When given, nothing is read back
+            from the device (the parameters may live on the GPU); when omitted it is read
+            from ``crop_box``. Parameters on the CPU are checked (the crop must fit in
+            ``resized_hw``, all crops the same size).
 
-    The parameters are read on the host (pass the DataLoader's CPU tensors or tuples).
-    The map stays on its device; the result has ``x``'s dtype and device.
+    The result has ``x``'s dtype and device. The resampling matrices are built on
+    ``x``'s device and applied in float64 with autocast off, so the caller's AMP / TF32
+    settings do not change the numbers.
     """
-    batched = x.dim() == 4
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be [C, h, w] or [N, C, h, w], got {tuple(x.shape)}")
+    batched = x.dim() == 4
     xb = x if batched else x.unsqueeze(0)
     n, _, in_h, in_w = xb.shape
-    sizes, boxes, flips = _as_rows(resized_hw, 2), _as_rows(crop_box, 4), _as_rows(flip, None)
-    if not len(sizes) == len(boxes) == len(flips) == n:
-        raise ValueError(f"{n} maps but {len(sizes)} sizes, {len(boxes)} crop boxes, {len(flips)} flips")
+    sizes = torch.as_tensor(resized_hw).reshape(-1, 2).to(torch.int64)
+    boxes = torch.as_tensor(crop_box).reshape(-1, 4).to(torch.int64)
+    flips = torch.as_tensor(flip).reshape(-1).to(torch.bool)
+    if not sizes.shape[0] == boxes.shape[0] == flips.shape[0] == n:
+        raise ValueError(f"{n} maps but {sizes.shape[0]} sizes, {boxes.shape[0]} crop boxes, {flips.shape[0]} flips")
+    if boxes.device.type == "cpu" and sizes.device.type == "cpu":
+        _check_crops(sizes, boxes, crop_hw)
+    if crop_hw is None:
+        ys, ye, xs, xe = boxes[0].tolist()  # a host read when the boxes live on the GPU
+        crop_hw = (ye - ys, xe - xs)
+    dev = xb.device
+    sizes, boxes, flips = sizes.to(dev), boxes.to(dev), flips.to(dev)
     via_h, via_w = (None, None) if via_hw is None else (int(via_hw[0]), int(via_hw[1]))
-    mats_y, mats_x = [], []
-    for (h, w), (ys, ye, xs, xe), f in zip(sizes, boxes, flips, strict=True):
-        mats_y.append(_axis_matrix(in_h, via_h, h, ys, ye, False))
-        mats_x.append(_axis_matrix(in_w, via_w, w, xs, xe, f))
-    if len({m.shape for m in mats_y}) != 1 or len({m.shape for m in mats_x}) != 1:
-        raise ValueError("all crops of a batch must have the same size")
-    # float64 with autocast off: exact enough whatever the caller's AMP / TF32 settings.
-    ay = torch.from_numpy(np.stack(mats_y)).to(xb.device).unsqueeze(1)  # [N, 1, Hc, h]
-    axt = torch.from_numpy(np.stack(mats_x)).to(xb.device).unsqueeze(1).transpose(-1, -2)  # [N, 1, w, Wc]
-    crop_h, crop_w = ay.shape[-2], axt.shape[-1]
-    with torch.autocast(device_type=xb.device.type, enabled=False):
+    ay = _axis_matrix(in_h, via_h, sizes[:, 0], boxes[:, 0], int(crop_hw[0]), None)  # [N, Hc, h]
+    ax = _axis_matrix(in_w, via_w, sizes[:, 1], boxes[:, 2], int(crop_hw[1]), flips)  # [N, Wc, w]
+    crop_h, crop_w = ay.shape[1], ax.shape[1]
+    with torch.autocast(device_type=dev.type, enabled=False):
         x64 = xb.to(torch.float64)
+        # out = Ay @ x @ Ax^T, in the cheaper order
         if crop_h * in_w * (in_h + crop_w) <= in_h * crop_w * (in_w + crop_h):
-            out = (ay @ x64) @ axt
+            out = torch.einsum("ncyw,nxw->ncyx", torch.einsum("nyh,nchw->ncyw", ay, x64), ax)
         else:
-            out = ay @ (x64 @ axt)
+            out = torch.einsum("nyh,nchx->ncyx", ay, torch.einsum("nchw,nxw->nchx", x64, ax))
     out = out.to(x.dtype)
     return out if batched else out[0]
+
+
+def _check_crops(sizes: Tensor, boxes: Tensor, crop_hw: Sequence[int] | None) -> None:
+    """Every crop lies inside its resized image, all have the same size (= ``crop_hw``); host tensors."""
+    for (h, w), (ys, ye, xs, xe) in zip(sizes.tolist(), boxes.tolist(), strict=True):
+        if not (0 <= ys < ye <= h and 0 <= xs < xe <= w):
+            raise ValueError(f"crop box {(ys, ye, xs, xe)} does not fit in the resized size {(h, w)}")
+    extents = {(ye - ys, xe - xs) for ys, ye, xs, xe in boxes.tolist()}
+    if len(extents) != 1:
+        raise ValueError(f"all crops of a batch must have the same size, got {sorted(extents)}")
+    if crop_hw is not None and extents != {(int(crop_hw[0]), int(crop_hw[1]))}:
+        raise ValueError(f"crop_hw {tuple(crop_hw)} differs from the crop boxes' size {extents.pop()}")
 
 
 def online_prediction_to_crop(
@@ -144,13 +157,14 @@ def online_prediction_to_crop(
     ``softmax(interp(logits_full, crop_hw))`` over classes, then resized to
     ``resized_hw``, cropped and flipped (all bilinear, ``align_corners=True``). This is the
     order that matches the original's numbers. ``logits_full``: ``[C, h, w]`` or
-    ``[N, C, h, w]``; other arguments as :func:`carry_to_crop`.
+    ``[N, C, h, w]``; other arguments as :func:`carry_to_crop` (``crop_hw`` is both the
+    upsampling size and the crop size, so nothing is read back from the device).
     """
     batched = logits_full.dim() == 4
     xb = logits_full if batched else logits_full.unsqueeze(0)
     size = (int(crop_hw[0]), int(crop_hw[1]))
     prob = F.interpolate(xb, size=size, mode="bilinear", align_corners=True).softmax(dim=1)
-    out = carry_to_crop(prob, None, resized_hw, crop_box, flip)
+    out = carry_to_crop(prob, None, resized_hw, crop_box, flip, crop_hw=size)
     return out if batched else out[0]
 
 

@@ -54,6 +54,12 @@ def _join_key(hi: Tensor, lo: Tensor) -> Tensor:
     return (((hi - _HALF) << 16) | lo).to(torch.int32)
 
 
+def _add_counts(hist: Tensor, index: Tensor, weight: int = 1) -> Tensor:
+    """Add ``weight`` at every ``index`` of the flat ``hist`` in place (no host sync on CUDA)."""
+    src = torch.full((1,), weight, dtype=hist.dtype, device=hist.device).expand(index.numel())
+    return hist.index_add_(0, index.reshape(-1), src)
+
+
 class OnlineClassThresholds:
     """Class-wise confidence banks and thresholds of phase 1 (SPEC section 3).
 
@@ -92,8 +98,7 @@ class OnlineClassThresholds:
         self._count = torch.zeros(c, dtype=torch.int64, device=dev)
         self._head = torch.zeros(c, dtype=torch.int64, device=dev)
         self._thr = torch.zeros(c, dtype=torch.float32, device=dev)
-        self._class_ids = torch.arange(c, dtype=torch.int64, device=dev)
-        self._bin_base = (self._class_ids * _BINS).to(torch.int32)
+        self._bin_base = torch.arange(c, dtype=torch.int32, device=dev) * _BINS
 
     # ------------------------------------------------------------------ thresholds
     @property
@@ -110,11 +115,6 @@ class OnlineClassThresholds:
         self._thr = value.to(device=self.device, dtype=torch.float32).clone()
 
     # ------------------------------------------------------------------ update
-    def _histogram(self, hist: Tensor, index: Tensor, weight: int = 1) -> Tensor:
-        """Add ``weight`` at every ``index`` of ``hist`` in place (sync-free on CUDA)."""
-        src = torch.full((1,), weight, dtype=hist.dtype, device=hist.device).expand(index.numel())
-        return hist.index_add_(0, index.reshape(-1), src)
-
     def update(self, conf: Tensor, pred: Tensor) -> Tensor:
         """Add one iteration's confidences and recompute the thresholds (SPEC section 3).
 
@@ -137,9 +137,7 @@ class OnlineClassThresholds:
 
         # Rank of every new value within its class (row-major order) and per-class counts.
         order = torch.argsort(pred, stable=True)
-        n_new = torch.zeros(c_num, dtype=torch.int64, device=dev).index_add_(
-            0, pred, torch.ones(1, dtype=torch.int64, device=dev).expand(m)
-        )
+        n_new = _add_counts(torch.zeros(c_num, dtype=torch.int64, device=dev), pred)
         start = torch.cumsum(n_new, 0) - n_new
         rank = torch.empty_like(pred)
         rank[order] = torch.arange(m, device=dev) - start[pred[order]]
@@ -153,7 +151,7 @@ class OnlineClassThresholds:
         # Level 1: histogram of the bank (kept up to date) plus the new values.
         base = pred.to(torch.int32) * _BINS
         hist1 = self._hist.clone()
-        self._histogram(hist1, base + hi_new)
+        _add_counts(hist1, base + hi_new)
         hist1 = hist1[:-1].view(c_num, _BINS)
         cum1 = torch.cumsum(hist1, 1, dtype=torch.int32)
         b1 = torch.searchsorted(cum1, r, right=True).clamp_max(_BINS - 1)
@@ -165,9 +163,9 @@ class OnlineClassThresholds:
         hist2 = torch.zeros(c_num * _BINS + 1, dtype=torch.int32, device=dev)
         bank_hi = self._hi[:-1].view(c_num, length)
         bank_lo = self._lo[:-1].view(c_num, length)
-        self._histogram(hist2, torch.where(bank_hi == b1, bank_lo, dummy))
+        _add_counts(hist2, torch.where(bank_hi == b1, bank_lo, dummy))
         in_bin = hi_new == b1.squeeze(1)[pred]
-        self._histogram(hist2, torch.where(in_bin, base + lo_new, dummy))
+        _add_counts(hist2, torch.where(in_bin, base + lo_new, dummy))
         cum2 = torch.cumsum(hist2[:-1].view(c_num, _BINS), 1, dtype=torch.int32)
         b2 = torch.searchsorted(cum2, r2, right=True).clamp_max(_BINS - 1)
         new_thr = _key_to_float(_join_key(b1.squeeze(1), b2.squeeze(1).to(torch.int32)))
@@ -178,8 +176,8 @@ class OnlineClassThresholds:
         slot = pred * length + (self._head[pred] + rank) % length
         slot = torch.where(keep, slot, c_num * length)
         old_hi = self._hi[slot]
-        self._histogram(self._hist, torch.where(keep & (old_hi >= 0), base + old_hi, dummy), -1)
-        self._histogram(self._hist, torch.where(keep, base + hi_new, dummy))
+        _add_counts(self._hist, torch.where(keep & (old_hi >= 0), base + old_hi, dummy), -1)
+        _add_counts(self._hist, torch.where(keep, base + hi_new, dummy))
         self._hi[slot] = hi_new
         self._lo[slot] = base + lo_new
         self._head = (self._head + n_new) % length
@@ -233,4 +231,4 @@ class OnlineClassThresholds:
         self._hi[:-1] = torch.where(valid, hi, -1).reshape(-1)
         self._lo[:-1] = (lo + self._bin_base.unsqueeze(1)).reshape(-1)
         self._hist.zero_()
-        self._histogram(self._hist, torch.where(valid, hi + self._bin_base.unsqueeze(1), c_num * _BINS))
+        _add_counts(self._hist, torch.where(valid, hi + self._bin_base.unsqueeze(1), c_num * _BINS))

@@ -1,0 +1,93 @@
+"""evaluate.py and train_source_only.py on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from model import DecoupleNet
+from tests.helpers import REPO, filled_phase1_checkpoint
+
+SIZE = ["--tgt_img_size", "128,64", "--src_img_size", "128,64", "--resize", "128", "--rcrop", "64,32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from datasets.synthetic import generate
+
+    out = tmp_path_factory.mktemp("tools")
+    generate(out / "data", seed=3, size=(128, 64), num_source=4, num_target_train=2, num_target_val=3)
+    return out
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_counts_every_image_once_and_matches_direct_miou(data):
+    from datasets.cityscapes import CityscapesDataset
+    from utils.metrics import intersection_and_union, mean_iou
+
+    net = DecoupleNet(layer=1)
+    ckpt = data / "phase1.pth"
+    torch.save(filled_phase1_checkpoint(net), ckpt)
+    net.load_official(torch.load(ckpt, weights_only=True))
+    net.eval()
+    root = data / "data" / "cityscapes"
+    out = data / "eval"
+    _run(["evaluate.py", "--cpu", "--quiet", "--resume", str(ckpt), "--tgt_rootpath", str(root), *SIZE,
+          "--num-workers", "0", "--batch_size_val", "2", "--snapshot-dir", str(out), "--save_dir", str(out / "preds")])
+    result = json.loads((out / "results.json").read_text())
+    ds = CityscapesDataset(str(root), split="val", img_size=(128, 64))
+    inter = union = 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            s = ds[i]
+            logits = net(s["img"][None].float() / 255)
+            up = torch.nn.functional.interpolate(logits, size=s["label"].shape, mode="bilinear", align_corners=True)
+            a, b, _ = intersection_and_union(up.argmax(1)[0], s["label"].long(), 19)
+            inter, union = inter + a.double(), union + b.double()
+    _, miou = mean_iou(inter.numpy(), union.numpy())
+    assert result["images"] == len(ds) == 3
+    assert result["miou"] == pytest.approx(miou, abs=1e-12)
+    assert len(list((out / "preds" / "trainid").glob("*.png"))) == 3
+    assert set(result["iou"]) >= {"road", "bicycle"}
+
+
+def test_train_source_only_writes_a_phase1_start_point(data):
+    import torchvision
+
+    imagenet = data / "resnet101.pth"
+    torch.save(torchvision.models.resnet101(weights=None).state_dict(), imagenet)
+    d = data / "data"
+    snap = data / "sourceonly"
+    _run(["train_source_only.py", "--cpu", "--quiet", "--src_rootpath", str(d / "gta5"), "--tgt_rootpath",
+          str(d / "cityscapes"), *SIZE, "--num-workers", "0", "--batch-size", "2", "--num-steps", "3",
+          "--num-steps-stop", "2", "--batch_size_val", "1", "--imagenet", str(imagenet), "--snapshot-dir", str(snap)])
+    state = torch.load(snap / "sourceonly.pth", weights_only=True)
+    assert set(state) == {"model_state_dict", "head_state_dict", "classifier_state_dict"}
+    assert all(k.startswith("backbone.") for k in state["model_state_dict"])
+    net = DecoupleNet(layer=1)
+    assert net.load_official(state) == "sourceonly"
+    imagenet_conv1 = torch.load(imagenet, weights_only=True)["conv1.weight"]
+    assert not torch.equal(state["model_state_dict"]["backbone.conv1.weight"], imagenet_conv1)  # it trained
+    assert np.isfinite(state["classifier_state_dict"]["weight"].numpy()).all()
+
+
+def test_missing_imagenet_file_is_one_clear_line(data, tmp_path):
+    d = data / "data"
+    proc = subprocess.run(
+        [sys.executable, "train_source_only.py", "--cpu", "--quiet", "--src_rootpath", str(d / "gta5"),
+         "--tgt_rootpath", str(d / "cityscapes"), *SIZE, "--num-workers", "0", "--num-steps", "2",
+         "--num-steps-stop", "1", "--imagenet", str(tmp_path / "nope.pth"), "--snapshot-dir", str(tmp_path / "s")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,64 @@
+"""Stand-alone evaluation of any checkpoint on Cityscapes (``evaluate.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from datasets.labels import class_names, colorize
+from utils import distributed as du
+from utils.checkpoint import atomic_write
+from utils.engine import LOG, RunError, build_network, evaluate, per_rank, sample_figure, workers_per_rank
+from utils.metrics import format_iou_table, miou_subsets
+
+
+def run_evaluation(args: Any, env: du.DistEnv) -> dict:
+    """mIoU of the target branch of ``--resume`` on ``--split`` (each image counted once).
+
+    Returns (and writes as JSON on rank 0) the per-class IoU, the mIoU and, for 16-class
+    (SYNTHIA) models, the 16- and 13-class mIoU.
+    """
+    from datasets.build import shard_loader
+    from datasets.cityscapes import CityscapesDataset
+
+    if not args.resume:
+        raise RunError("--resume: required (the checkpoint to evaluate)")
+    dataset = CityscapesDataset(args.tgt_rootpath, split=args.split, img_size=args.tgt_img_size, augment=None,
+                                num_classes=args.num_classes)
+    loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
+                          workers_per_rank(args, env))
+    net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
+    save_dir = args.save_dir
+    if save_dir:
+        for sub in ("trainid", "color", "side_by_side"):
+            os.makedirs(os.path.join(save_dir, sub), exist_ok=True)
+
+    def save(batch: dict, pred) -> None:
+        import cv2
+
+        preds = pred.cpu().numpy().astype(np.uint8)
+        for i, path in enumerate(batch["path"]):
+            name = os.path.basename(path)
+            cv2.imwrite(os.path.join(save_dir, "trainid", name), preds[i])
+            cv2.imwrite(os.path.join(save_dir, "color", name), colorize(preds[i], args.num_classes)[:, :, ::-1])
+            fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
+            cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
+
+    iou, miou, _ = evaluate(net, loader, env, args, desc=f"evaluate {args.split}", scales=tuple(args.scales),
+                            flip=args.flip, on_batch=save if save_dir else None)
+    names = class_names(args.num_classes)
+    result = {"checkpoint": args.resume, "split": args.split, "images": len(dataset), "scales": list(args.scales),
+              "flip": bool(args.flip), "miou": float(miou), "iou": {n: float(v) for n, v in zip(names, iou)}}
+    if args.num_classes == 16:
+        result["miou16"], result["miou13"] = miou_subsets(iou, 16)
+    if env.is_main:
+        LOG.info("%s\n%s", args.resume, format_iou_table(iou, names, miou))
+        if "miou13" in result:
+            LOG.info("mIoU (16 classes) %.2f, mIoU* (13 classes) %.2f", 100 * result["miou16"], 100 * result["miou13"])
+        path = args.results_json or os.path.join(args.snapshot_dir, "results.json")
+        atomic_write(path, lambda f: f.write(json.dumps(result, indent=2)), mode="w")
+        LOG.info("results written to %s", path)
+    return result

@@ -1,0 +1,69 @@
+"""Source-only training: DeepLab-v2 ResNet-101 on labelled source images (``sourceonly.pth``).
+
+Not in the original code release; it produces the start point phase 1 reads (SPEC section 2).
+Same engine, SGD and poly schedule as the other stages; plain CE (no temperature).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import Tensor, nn
+
+from model import DecoupleNet, upsample
+from model.decouplenet import sourceonly_state
+from utils.checkpoint import atomic_save
+from utils.engine import (LOG, Stage, autocast, build_network, cross_entropy, per_rank, prepare_for_training,
+                          sgd_for, to_device_image, to_device_label, unwrap, workers_per_rank)
+
+
+class SourceOnlyObjective(nn.Module):
+    def __init__(self, net: DecoupleNet, args: Any) -> None:
+        super().__init__()
+        self.net = net
+        self.args = args
+
+    def forward(self, x_s: Tensor, y_s: Tensor) -> dict[str, Tensor]:
+        loss = cross_entropy(upsample(self.net(x_s), y_s.shape[-2:]), y_s, self.args.ignore_label)
+        return {"total": loss, "loss_seg": loss}
+
+
+class SourceOnlyStage(Stage):
+    name = "source_only"
+    official_phase = 2
+
+    def build(self) -> None:
+        args, env = self.args, self.env
+        self.batch = per_rank(args.batch_size, env, "--batch-size")
+        net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
+        self.model = prepare_for_training(SourceOnlyObjective(net, args), env, args)
+        self.net = unwrap(self.model).net
+        self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
+
+    def official_state(self) -> dict:
+        return sourceonly_state(self.net)
+
+    def batches(self, start_iter: int):
+        from datasets.build import source_train_dataset, stream
+
+        args, env = self.args, self.env
+        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args,
+                     start_iter * args.iter_size, workers_per_rank(args, env))
+        while True:
+            yield (next(src),)
+
+    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+        (src,) = batch
+        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
+        with autocast(self.args, dev):
+            return self.model(to_device_image(src["img"], dev, cl), to_device_label(src["label"], dev))
+
+
+def export_sourceonly(stage: SourceOnlyStage) -> str:
+    """Write ``<snapshot>/sourceonly.pth`` (the format ``train_phase1.py --resume`` reads)."""
+    path = os.path.join(stage.args.snapshot_dir, "sourceonly.pth")
+    if stage.env.is_main:
+        atomic_save(sourceonly_state(stage.net), path)
+        LOG.info("source-only model written to %s (use it as train_phase1.py --resume)", path)
+    return path
