@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit is 0)
 _LO_BINS = 1 << 16  # low 16 bits
@@ -87,8 +88,6 @@ def _file_keys(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _each_file(files: Sequence[str], num_classes: int, desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield :func:`_file_keys` for every file, with a tqdm bar when ``progress``."""
-    from tqdm import tqdm
-
     for path in tqdm(files, desc=desc, unit="file", disable=not progress):
         yield _file_keys(path, num_classes)
 
@@ -106,6 +105,7 @@ def _select(hist: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _class_label(c: int, num_classes: int) -> str:
     """``'16 (train)'`` for the standard class sets, ``'16'`` otherwise."""
     if num_classes in (19, 16, 13):
+        # imported here: run as a file, the repository root joins sys.path only in __main__
         from datasets.labels import class_names
 
         return f"{c} ({class_names(num_classes)[c]})"

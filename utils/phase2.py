@@ -58,7 +58,7 @@ class Phase2Objective(nn.Module):
         # 2. pseudo labels (no grad; the network stays in train mode, as the original).
         with torch.no_grad():
             full_hw = tuple(img_full.shape[-2:])
-            soft_crop = carry_to_crop(soft.float(), full_hw, resized_hw, crop_box, flip)
+            soft_crop = carry_to_crop(soft.float(), full_hw, resized_hw, crop_box, flip, crop_hw=crop_hw)
             pred_crop = online_prediction_to_crop(net(img_full).float(), crop_hw, resized_hw, crop_box, flip)
             pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, a.ignore_label)
         # 3. target CE on the fused pseudo labels.
