@@ -8,8 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from datasets.class_balance import class_balanced_list
 from datasets.cityscapes import CityscapesDataset
+from datasets.class_balance import class_balanced_list
 from datasets.errors import DatasetError
 from datasets.gta5 import GTA5Dataset
 from datasets.label_info import load_label_info

@@ -70,7 +70,7 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> FrozenBatchNorm2d:  # noqa: ARG002 - always eval
+    def train(self, mode: bool = True) -> FrozenBatchNorm2d:
         return super().train(False)
 
 
@@ -323,7 +323,7 @@ def sourceonly_state(net: DecoupleNet) -> OrderedDict:
 
 
 def _strip_module(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+    return key.removeprefix("module.")
 
 
 def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

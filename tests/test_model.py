@@ -54,7 +54,8 @@ def test_forward_parity_layer1(filled_net):
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_official_key_layout(layer):
-    keys = json.load(open(os.path.join(PARITY, "model_keys.json")))[f"layer{layer}"]
+    with open(os.path.join(PARITY, "model_keys.json")) as f:
+        keys = json.load(f)[f"layer{layer}"]
     net = DecoupleNet(layer=layer)
     state = net.official_state(phase=1)
     for group in ("model_B1", "model_B2", "model_B", "head", "classifier", "aux_classifier"):

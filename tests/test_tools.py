@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -87,7 +87,7 @@ def test_missing_imagenet_file_is_one_clear_line(data, tmp_path):
         [sys.executable, "train_source_only.py", "--cpu", "--quiet", "--src_rootpath", str(d / "gta5"),
          "--tgt_rootpath", str(d / "cityscapes"), *SIZE, "--num-workers", "0", "--num-steps", "2",
          "--num-steps-stop", "1", "--imagenet", str(tmp_path / "nope.pth"), "--snapshot-dir", str(tmp_path / "s")],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in proc.stderr

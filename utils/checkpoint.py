@@ -60,6 +60,6 @@ def safe_load(path: str, map_location: str | torch.device = "cpu") -> Any:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - turned into one clear line
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from exc

@@ -58,7 +58,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--snapshot-dir", dest="snapshot_dir", default="./snapshots/",
                    help="folder for logs, checkpoints, tensorboard")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=1 if stage != "phase1" else 1,
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=1,
                    help="total batch over all ranks")
     g.add_argument("--batch_size_val", type=int, default=4, help="total validation batch over all ranks")
     g.add_argument("--iter-size", dest="iter_size", type=int, default=1, help="gradient accumulation steps")

@@ -16,7 +16,19 @@ from torch.func import functional_call
 
 from model import DecoupleNet, FCDiscriminator, upsample
 from utils import distributed as du
-from utils.engine import LOG, Stage, autocast, build_network, cross_entropy, prepare_for_training, to_device_image, to_device_label, unwrap, workers_per_rank, per_rank
+from utils.engine import (
+    LOG,
+    Stage,
+    autocast,
+    build_network,
+    cross_entropy,
+    per_rank,
+    prepare_for_training,
+    to_device_image,
+    to_device_label,
+    unwrap,
+    workers_per_rank,
+)
 from utils.thresholds import OnlineClassThresholds
 
 TEMPERATURE = 1.8

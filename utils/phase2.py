@@ -17,8 +17,20 @@ from torch import Tensor, nn
 
 from datasets.errors import DatasetError
 from model import DecoupleNet, upsample
-from utils.engine import (LOG, Stage, autocast, build_network, cross_entropy, per_rank, prepare_for_training,
-                          sgd_for, to_device_image, to_device_label, unwrap, workers_per_rank)
+from utils.engine import (
+    LOG,
+    Stage,
+    autocast,
+    build_network,
+    cross_entropy,
+    per_rank,
+    prepare_for_training,
+    sgd_for,
+    to_device_image,
+    to_device_label,
+    unwrap,
+    workers_per_rank,
+)
 from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
 
 

@@ -14,8 +14,20 @@ from torch import Tensor, nn
 from model import DecoupleNet, upsample
 from model.decouplenet import sourceonly_state
 from utils.checkpoint import atomic_save
-from utils.engine import (LOG, Stage, autocast, build_network, cross_entropy, per_rank, prepare_for_training,
-                          sgd_for, to_device_image, to_device_label, unwrap, workers_per_rank)
+from utils.engine import (
+    LOG,
+    Stage,
+    autocast,
+    build_network,
+    cross_entropy,
+    per_rank,
+    prepare_for_training,
+    sgd_for,
+    to_device_image,
+    to_device_label,
+    unwrap,
+    workers_per_rank,
+)
 
 
 class SourceOnlyObjective(nn.Module):
