@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.labels import CITYSCAPES_IDS  # noqa: E402
+from datasets.labels import CITYSCAPES_IDS
 
 CROP = (896, 512)
 RESIZE = 2200
