@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -53,6 +54,9 @@ def launch(worker: Callable[[int, Any], None], args: Any) -> None:
         worker(-1, args)
         return
     args.dist_url = f"tcp://127.0.0.1:{find_free_port()}"
+    # When one rank fails, torch logs "Terminating process N via signal SIGTERM" for its peers
+    # before re-raising; keep a user error to its one line (the exception itself is not hidden).
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     mp.spawn(worker, nprocs=len(args.gpus), args=(args,), join=True)
 
 

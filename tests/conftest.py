@@ -1,0 +1,110 @@
+"""Shared fixtures of the integration tests (tests/test_phase1_train.py, tests/test_phase2_chain.py).
+
+* ``synthetic_data``: a tiny synthetic GTA5 + Cityscapes tree (128x64 images), made once per session.
+* ``sourceonly_ckpt``: a source-only start checkpoint with the deterministic "filled" weights.
+* :func:`run_script`: run one of the project's scripts in a subprocess from the repository root.
+* :func:`tiny_args`: the flags that keep a training run small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, filled_sourceonly_checkpoint
+
+IMG_W, IMG_H = 128, 64  # synthetic image size
+NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 6, 4, 2
+SCRIPT_TIMEOUT_S = 300
+
+
+def run_script(args: Sequence[str], check: bool = True, env: Mapping[str, str] | None = None,
+               cwd: str | os.PathLike[str] = REPO) -> subprocess.CompletedProcess:
+    """``python ARGS`` (the test's own interpreter) in ``cwd`` (the repository root by default).
+
+    Output is captured as text; ``env`` entries are added to the current environment. With
+    ``check`` a non-zero exit fails the test with the command's stdout and stderr in the message.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    cmd = [sys.executable, *[str(a) for a in args]]
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S)
+    if check:
+        assert proc.returncode == 0, (
+            f"command failed with exit code {proc.returncode}: {' '.join(cmd[1:])}\n"
+            f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def tiny_args(data: Mapping[str, Path]) -> list[str]:
+    """Data and size flags of a tiny CPU run on ``synthetic_data`` (no snapshot dir, no steps)."""
+    return [
+        "--cpu", "--quiet",
+        "--src_rootpath", str(data["gta5"]), "--tgt_rootpath", str(data["cityscapes"]),
+        "--src_img_size", f"{IMG_W},{IMG_H}", "--tgt_img_size", f"{IMG_W},{IMG_H}",
+        "--resize", str(IMG_W), "--rcrop", "64,32",
+        "--batch_size_val", "2",
+    ]
+
+
+def target_train_basenames(data: Mapping[str, Path]) -> list[str]:
+    """Basenames (without ``.png``) of the Cityscapes train images of ``synthetic_data``."""
+    root = Path(data["cityscapes"]) / "leftImg8bit" / "train"
+    return sorted(p.name[: -len(".png")] for p in root.rglob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"gta5": root, "cityscapes": root}`` of a tiny synthetic tree, generated once."""
+    from datasets.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    roots = generate(out, seed=0, size=(IMG_W, IMG_H), num_source=NUM_SOURCE,
+                     num_target_train=NUM_TARGET_TRAIN, num_target_val=NUM_TARGET_VAL)
+    return {k: Path(v) for k, v in roots.items()}
+
+
+@pytest.fixture(scope="session")
+def sourceonly_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a ``torch.save``d source-only checkpoint (layer 1) with the filled weights."""
+    path = tmp_path_factory.mktemp("ckpt") / "sourceonly_filled.pth"
+    torch.save(filled_sourceonly_checkpoint(1), path)
+    return path
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Nested dicts / lists / tensors / numbers of ``a`` and ``b`` are bit-identical."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping), f"{where}: dict vs {type(b).__name__}"
+        assert list(a.keys()) == list(b.keys()), f"{where}: keys differ: {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: sequences differ in length"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(autouse=True)
+def _drop_checkpoints(request: pytest.FixtureRequest):
+    """After a test that used ``tmp_path``, delete the ``.pth`` files in it (hundreds of MB per
+    training run; pytest keeps the last three sessions' temporary folders)."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:
+        for path in folder.rglob("*.pth"):
+            path.unlink(missing_ok=True)
