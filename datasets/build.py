@@ -17,6 +17,13 @@ from datasets.sampler import ShardSampler, StreamSampler
 from datasets.transforms import JointAugment
 
 
+def require_root(path: str, flag: str) -> str:
+    """A dataset root given on the command line must be a folder (the error names the flag)."""
+    if not os.path.isdir(path):
+        raise DatasetError(f"{flag} {path}: folder not found")
+    return path
+
+
 def make_augment(args: Any, colour: bool = True) -> JointAugment:
     """The joint augmentation of SPEC section 1 from ``--resize --rcrop --hflip --clrjit_params --noaug``."""
     return JointAugment(
@@ -60,6 +67,7 @@ def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]
 
 def source_train_dataset(args: Any, cache_dir: str | None = None):
     """GTA5 (class-balanced order) or SYNTHIA training set."""
+    require_root(args.src_rootpath, "--src_rootpath")
     if args.src_dataset == "synthia":
         from datasets.synthia import SynthiaDataset
 
@@ -72,6 +80,7 @@ def source_train_dataset(args: Any, cache_dir: str | None = None):
 
 
 def target_train_dataset(args: Any, soft_labels: bool = False, augment: bool = True) -> CityscapesDataset:
+    require_root(args.tgt_rootpath, "--tgt_rootpath")
     return CityscapesDataset(
         args.tgt_rootpath, split="train", img_size=args.tgt_img_size,
         augment=make_augment(args) if augment else None, seed=args.random_seed,
@@ -81,6 +90,7 @@ def target_train_dataset(args: Any, soft_labels: bool = False, augment: bool = T
 
 
 def target_val_dataset(args: Any) -> CityscapesDataset:
+    require_root(args.tgt_rootpath, "--tgt_rootpath")
     return CityscapesDataset(args.tgt_rootpath, split="val", img_size=args.tgt_img_size, augment=None,
                              seed=args.random_seed, num_classes=args.num_classes)
 

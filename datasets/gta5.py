@@ -213,8 +213,10 @@ class GTA5Dataset(Dataset):
         self.label_dir = os.path.join(self.root, "labels")
         require_dir(self.image_dir, "GTA5 images")
         require_dir(self.label_dir, "GTA5 labels")
+        # split.mat is required as in the original, even when the class-balanced list gives the order.
+        split_names = _split_names(os.path.join(self.root, "split.mat"))
         if file_list is None:
-            names = _split_names(os.path.join(self.root, "split.mat"))
+            names = split_names
         else:
             names = [str(n) for n in file_list]
             if not names:

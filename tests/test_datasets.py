@@ -266,7 +266,9 @@ def test_gta5_errors(synth: dict[str, str], tmp_path: Path) -> None:
     os.remove(root / "split.mat")
     with pytest.raises(DatasetError, match="split.mat"):
         GTA5Dataset(root)
-    GTA5Dataset(root, file_list=["00001.png"])  # split.mat not needed with a file list
+    with pytest.raises(DatasetError, match="split.mat"):  # required as in the original, list or not
+        GTA5Dataset(root, file_list=["00001.png"])
+    shutil.copy(Path(synth["gta5"]) / "split.mat", root / "split.mat")
     (root / "images" / "00002.png").write_bytes(b"garbage")
     ds = GTA5Dataset(root, img_size=SIZE, file_list=["00001.png", "00002.png", "00003.png"])
     with pytest.raises(DatasetError, match="00002.png"):

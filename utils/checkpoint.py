@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import functools
+import glob
 import os
+import re
+import signal
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,18 +19,75 @@ import torch
 
 from model import CheckpointError
 
+# ---------------------------------------------------------------------------- fault injection
+# For the reliability tests only; no effect unless the variable is set. ``KIND:ARG[:N]``:
+#   kill_before_rename:PATTERN[:N]  SIGKILL after the N-th (default 1st) atomic write of a file whose
+#                                   basename matches PATTERN (fnmatch) is fully written, before the rename
+#   kill_mid_write:PATTERN[:N]      SIGKILL with only half of that file's bytes in the temporary file
+#   enospc:PATTERN[:N]              OSError(ENOSPC) after the temporary file is created
+#   kill_at_iter:K / nan_at_iter:K  (utils.engine.Trainer) SIGKILL at the start of iteration K /
+#                                   total loss times NaN at iteration K
+FAULT_ENV = "DECOUPLENET_FAULT"
+_fault_writes = [0]  # atomic writes that matched the file pattern so far
+
+
+@functools.lru_cache(maxsize=1)
+def injected_fault() -> tuple[str, str, int] | None:
+    """``(kind, arg, n)`` parsed once from ``$DECOUPLENET_FAULT``, or ``None``."""
+    kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+    arg, _, n = rest.partition(":")
+    return (kind, arg, int(n or 1)) if kind else None
+
+
+def _file_fault(path: str) -> str | None:
+    """The fault kind to inject into this atomic write of ``path`` (counts matching writes)."""
+    fault = injected_fault()
+    if fault is None or fault[0] not in ("kill_before_rename", "kill_mid_write", "enospc"):
+        return None
+    if not fnmatch.fnmatchcase(os.path.basename(path), fault[1]):
+        return None
+    _fault_writes[0] += 1
+    return fault[0] if _fault_writes[0] == fault[2] else None
+
+
+def temp_prefix(path: str) -> str:
+    """Temporary files of :func:`atomic_write` are ``.<basename>.<random>.tmp`` next to ``path``."""
+    return f".{os.path.basename(path)}."
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder`` (``.*.tmp``).
+
+    Call on rank 0 at start-up, before anything is written into ``folder``. Returns the paths removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` via ``write(fileobj)`` into a temporary file in the same folder, flush,
     fsync, then rename over ``path``. A crash at any moment leaves either the old file or the
     new one, never a partial file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fault = _file_fault(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
             write(f)
             f.flush()
+            if fault == "kill_mid_write":
+                os.ftruncate(f.fileno(), os.fstat(f.fileno()).st_size // 2)
             os.fsync(f.fileno())
+            if fault in ("kill_mid_write", "kill_before_rename"):
+                os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -49,6 +113,18 @@ def atomic_save_npy(array: np.ndarray, path: str) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` failed (its message spans paragraphs)."""
+    text = str(exc).strip()
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"refusing to load {refused.group(1)!r}: only tensors and plain data are allowed"
+    if "Weights only load failed" in text:
+        detail = [ln.strip() for ln in text.partition("WeightsUnpickler error:")[2].splitlines() if ln.strip()]
+        return "refused by the weights-only unpickler" + (f": {detail[0]}" if detail else "")
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def safe_load(path: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with a clear error naming the file.
 
@@ -58,8 +134,12 @@ def safe_load(path: str, map_location: str | torch.device = "cpu") -> Any:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from exc
+    with warnings.catch_warnings(record=True) as caught:  # a refused file: the error line says it all
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_failure(exc)})") from exc
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return state

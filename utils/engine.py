@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from datasets.errors import DatasetError
 from model import CheckpointError, DecoupleNet
 from utils import distributed as du
-from utils.checkpoint import atomic_save, atomic_write, safe_load
+from utils.checkpoint import atomic_save, atomic_write, injected_fault, remove_stale_temp_files, safe_load
 from utils.metrics import format_iou_table, intersection_and_union, mean_iou
 from utils.options import OptionError
 
@@ -51,6 +52,18 @@ USER_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, R
 
 
 # ---------------------------------------------------------------------------- entry point
+def _user_message(text: str) -> str | None:
+    """The last ``<UserErrorType>: message`` line of ``text`` (a traceback quoted in a message).
+
+    A user error raised in a DataLoader worker comes back re-raised with the worker's whole
+    traceback as its message; one raised in an ``mp.spawn`` rank comes back inside the rank's
+    traceback. In both the original message is the last such line.
+    """
+    names = "|".join(e.__name__ for e in USER_ERRORS)
+    found = re.findall(rf"^(?:[\w.]+\.)?(?:{names}): (.+)$", text, re.MULTILINE)
+    return found[-1].strip() if found else None
+
+
 def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     """Launch ``worker`` (see :func:`utils.distributed.launch`) turning user errors into one line.
 
@@ -61,15 +74,16 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        text = str(exc)
+        if "Original Traceback" in text:  # raised in a DataLoader worker
+            text = _user_message(text) or text.strip().splitlines()[0]
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except Exception as exc:  # mp.spawn wraps child errors: recover their one-line message
-        text = str(exc)
         if not getattr(args, "debug", False) and "ProcessRaisedException" in type(exc).__name__:
-            names = "|".join(e.__name__ for e in USER_ERRORS)
-            m = re.search(rf"(?:{names}): (.+)", text)
-            if m:
-                print(f"error: {m.group(1).strip()}", file=sys.stderr)
+            message = _user_message(str(exc))
+            if message:
+                print(f"error: {message}", file=sys.stderr)
                 return 2
         raise
     return 0
@@ -107,6 +121,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
     Returns the tensorboardX writer (or ``None``). Resolved arguments go to ``args.json``.
     """
     folder = args.snapshot_dir
+    stale: list[str] = []
     if env.is_main:
         try:
             os.makedirs(folder, exist_ok=True)
@@ -116,6 +131,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
             os.unlink(probe)
         except OSError as exc:
             raise RunError(f"--snapshot-dir {folder}: not writable ({exc.strerror})") from None
+        stale = remove_stale_temp_files(folder)  # left by a run killed while writing a file
     du.barrier()
     LOG.handlers.clear()
     LOG.propagate = False
@@ -138,6 +154,8 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
             writer = SummaryWriter(folder)
     LOG.info("%s: rank %d/%d on %s, amp=%s", name, env.rank, env.world_size, env.device,
              getattr(args, "amp", "off"))
+    for path in stale:
+        LOG.info("removed stale temporary file %s", path)
     return writer
 
 
@@ -490,13 +508,21 @@ class Trainer:
         LOG.info("resumed from %s at iteration %d (best mIoU so far %.4f)", path, self.start_iter,
                  self.best_miou)
 
+    @staticmethod
+    def save_file(obj: Any, path: str) -> None:
+        """``atomic_save``; a failed write (disk full, permissions) is a one-line error naming the file."""
+        try:
+            atomic_save(obj, path)
+        except OSError as exc:
+            raise RunError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from None
+
     def save_latest(self, next_iter: int) -> None:
         if self.env.is_main:
-            atomic_save(self.training_state(next_iter), os.path.join(self.args.snapshot_dir, LATEST))
+            self.save_file(self.training_state(next_iter), os.path.join(self.args.snapshot_dir, LATEST))
 
     def save_official(self, filename: str) -> str:
         path = os.path.join(self.args.snapshot_dir, filename)
-        atomic_save(self.stage.official_state(), path)
+        self.save_file(self.stage.official_state(), path)
         LOG.info("saved %s", path)
         return path
 
@@ -534,8 +560,12 @@ class Trainer:
     def append_metrics(self, it: int, logged: dict[str, float]) -> None:
         """One JSON line per iteration in ``<snapshot>/metrics.jsonl``: the losses at full precision
         (the log rounds them). Appended, so a resumed run continues the same file."""
-        with open(os.path.join(self.args.snapshot_dir, METRICS), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"iter": it, **logged}) + "\n")
+        path = os.path.join(self.args.snapshot_dir, METRICS)
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iter": it, **logged}) + "\n")
+        except OSError as exc:
+            raise RunError(f"{path}: cannot append ({exc.strerror or exc})") from None
 
     def check_finite(self, values: Tensor, names: list[str], it: int) -> None:
         if self.args.amp == "fp16":  # the grad scaler skips such steps, as in the original
@@ -553,7 +583,12 @@ class Trainer:
         batches = stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=stage.name, env=env, quiet=args.quiet)
         t0 = time.time()
+        fault = injected_fault()  # tests only ($DECOUPLENET_FAULT, see utils.checkpoint)
+        kill_at = int(fault[1]) if fault and fault[0] == "kill_at_iter" else None
+        nan_at = int(fault[1]) if fault and fault[0] == "nan_at_iter" else None
         for it in range(self.start_iter, stop):
+            if it == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             for opt, base in stage.optimizers.values():
                 opt.zero_grad(set_to_none=True)
                 set_lr(opt, base, it, args)
@@ -565,6 +600,8 @@ class Trainer:
                        else contextlib.nullcontext())
                 with ctx:
                     losses = stage.step(it, batch)
+                    if it == nan_at:
+                        losses["total"] = losses["total"] * float("nan")
                     self.scaler.scale(losses["total"] / args.iter_size).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float() / args.iter_size

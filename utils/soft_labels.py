@@ -11,7 +11,7 @@ import torch
 
 from datasets.cityscapes import soft_label_name
 from utils import distributed as du
-from utils.checkpoint import atomic_save_npy
+from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
 from utils.engine import LOG, RunError, autocast, build_network, per_rank, progress, to_device_image, workers_per_rank
 
 
@@ -33,6 +33,8 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
             os.makedirs(args.output_folder, exist_ok=True)
         except OSError as exc:
             raise RunError(f"--output_folder {args.output_folder}: cannot create ({exc.strerror})") from None
+        for path in remove_stale_temp_files(args.output_folder):  # left by a killed run
+            LOG.info("removed stale temporary file %s", path)
     du.barrier()
     dataset = target_train_dataset(args, augment=False)
     total = len(dataset.files)
@@ -54,8 +56,11 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                     logits = net(x)
                 logits = logits.float().cpu().numpy()
                 for path, arr in zip(batch["path"], logits):
-                    atomic_save_npy(arr.astype(dtype, copy=False),
-                                    os.path.join(args.output_folder, soft_label_name(path)))
+                    out = os.path.join(args.output_folder, soft_label_name(path))
+                    try:
+                        atomic_save_npy(arr.astype(dtype, copy=False), out)
+                    except OSError as exc:
+                        raise RunError(f"{out}: cannot write soft label ({exc.strerror or exc})") from None
                     written += 1
     count = torch.tensor([written], dtype=torch.int64)
     du.all_reduce_sum(count)
