@@ -91,3 +91,31 @@ def test_missing_imagenet_file_is_one_clear_line(data, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.pth" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_synthia_16_class_phase1_and_evaluation(tmp_path):
+    """SYNTHIA-layout source (--src_dataset synthia --num-classes 16): phase 1 runs; evaluate.py
+    reports the 16-class mIoU and the 13-class mIoU*."""
+    from datasets.synthetic import generate
+    from tests.helpers import filled_sourceonly_checkpoint
+
+    generate(tmp_path / "d", seed=5, size=(128, 64), num_source=3, num_target_train=2, num_target_val=2,
+             synthia=True)
+    start = tmp_path / "so16.pth"
+    torch.save(filled_sourceonly_checkpoint(1, num_classes=16), start)
+    d = tmp_path / "d"
+    _run(["train_phase1.py", "--cpu", "--quiet", "--src_dataset", "synthia", "--num-classes", "16",
+          "--src_rootpath", str(d / "synthia"), "--tgt_rootpath", str(d / "cityscapes"), *SIZE, "--num-workers", "0",
+          "--batch-size", "1", "--num-steps", "2", "--num-steps-stop", "1", "--resume", str(start),
+          "--snapshot-dir", str(tmp_path / "p1")])
+    ckpt = torch.load(tmp_path / "p1" / "GTA5_1.pth", weights_only=True)
+    assert ckpt["classifier_state_dict"]["weight"].shape[0] == 16
+    _run(["evaluate.py", "--cpu", "--quiet", "--num-classes", "16", "--resume", str(tmp_path / "p1" / "GTA5_1.pth"),
+          "--tgt_rootpath", str(d / "cityscapes"), "--tgt_img_size", "128,64", "--num-workers", "0",
+          "--batch_size_val", "1", "--snapshot-dir", str(tmp_path / "ev")])
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert len(result["iou"]) == 16 and "terrain" not in result["iou"]
+    iou = np.array(list(result["iou"].values()))
+    assert result["miou16"] == pytest.approx(iou.mean())
+    keep = [i for i, n in enumerate(result["iou"]) if n not in ("wall", "fence", "pole")]
+    assert result["miou13"] == pytest.approx(iou[keep].mean())
