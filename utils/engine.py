@@ -447,6 +447,26 @@ class Stage:
     def extra_state(self) -> dict:
         return {}
 
+    def image(self, batch: dict, key: str = "img") -> Tensor:
+        """A uint8 image batch on the training device as ``float / 255`` (channels_last on CUDA)."""
+        dev = self.env.device
+        return to_device_image(batch[key], dev, self.args.channels_last and dev.type == "cuda")
+
+    def domain_batches(self, start_iter: int, *datasets) -> Iterator[tuple]:
+        """Endless tuples with one batch of each dataset, from iteration ``start_iter`` on.
+
+        The data workers of this rank are split between the datasets; every sample is a
+        function of its key, so the batches do not depend on the number of workers.
+        """
+        from datasets.build import stream
+
+        args, env = self.args, self.env
+        workers = max(0, workers_per_rank(args, env) // len(datasets))
+        batch = per_rank(args.batch_size, env, "--batch-size")
+        streams = [stream(d, batch, env, args, start_iter * args.iter_size, workers) for d in datasets]
+        while True:
+            yield tuple(next(s) for s in streams)
+
     def load_extra_state(self, state: dict) -> None:
         pass
 

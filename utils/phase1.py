@@ -24,10 +24,8 @@ from utils.engine import (
     cross_entropy,
     per_rank,
     prepare_for_training,
-    to_device_image,
     to_device_label,
     unwrap,
-    workers_per_rank,
 )
 from utils.thresholds import OnlineClassThresholds
 
@@ -141,24 +139,17 @@ class Phase1Stage(Stage):
         return labels, self.last_kept
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset, stream, target_train_dataset
+        from datasets.build import source_train_dataset, target_train_dataset
 
-        args, env = self.args, self.env
-        workers = max(0, workers_per_rank(args, env) // 2)
-        start = start_iter * args.iter_size
-        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args, start, workers)
-        tgt = stream(target_train_dataset(args), self.batch, env, args, start, workers)
-        while True:
-            yield next(src), next(tgt)
+        args = self.args
+        return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir),
+                                   target_train_dataset(args))
 
     def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
         src, tgt = batch
-        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
-        x_s = to_device_image(src["img"], dev, cl)
-        y_s = to_device_label(src["label"], dev)
-        x_t = to_device_image(tgt["img"], dev, cl)
-        with autocast(self.args, dev):
-            return self.model(x_s, y_s, x_t)
+        y_s = to_device_label(src["label"], self.env.device)
+        with autocast(self.args, self.env.device):
+            return self.model(self.image(src), y_s, self.image(tgt))
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         from datasets.labels import class_names

@@ -26,10 +26,8 @@ from utils.engine import (
     per_rank,
     prepare_for_training,
     sgd_for,
-    to_device_image,
     to_device_label,
     unwrap,
-    workers_per_rank,
 )
 from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
 
@@ -106,27 +104,19 @@ class Phase2Stage(Stage):
                  ", ".join(f"{n}={t:.3f}" for n, t in zip(class_names(args.num_classes), self.thresholds_np)))
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset, stream
+        from datasets.build import source_train_dataset
 
-        args, env = self.args, self.env
-        workers = max(0, workers_per_rank(args, env) // 2)
-        start = start_iter * args.iter_size
-        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args, start, workers)
-        tgt = stream(self.target_set, self.batch, env, args, start, workers)
-        while True:
-            yield next(src), next(tgt)
+        return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir),
+                                   self.target_set)
 
     def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
         src, tgt = batch
-        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
-        x_s = to_device_image(src["img"], dev, cl)
+        dev = self.env.device
         y_s = to_device_label(src["label"], dev)
-        x_t = to_device_image(tgt["img"], dev, cl)
-        full = to_device_image(tgt["img_full"], dev, cl)
         soft = tgt["soft_label"].to(dev, non_blocking=True)
         with autocast(self.args, dev):
-            return self.model(x_s, y_s, x_t, full, soft, tgt["resized_hw"], tgt["crop_box"], tgt["flip"],
-                              self.thresholds)
+            return self.model(self.image(src), y_s, self.image(tgt), self.image(tgt, "img_full"), soft,
+                              tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         if it == 0 or it % 1000 == 0:

@@ -23,10 +23,8 @@ from utils.engine import (
     per_rank,
     prepare_for_training,
     sgd_for,
-    to_device_image,
     to_device_label,
     unwrap,
-    workers_per_rank,
 )
 
 
@@ -57,19 +55,14 @@ class SourceOnlyStage(Stage):
         return sourceonly_state(self.net)
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset, stream
+        from datasets.build import source_train_dataset
 
-        args, env = self.args, self.env
-        src = stream(source_train_dataset(args, cache_dir=args.snapshot_dir), self.batch, env, args,
-                     start_iter * args.iter_size, workers_per_rank(args, env))
-        while True:
-            yield (next(src),)
+        return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir))
 
     def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
         (src,) = batch
-        dev, cl = self.env.device, self.args.channels_last and self.env.device.type == "cuda"
-        with autocast(self.args, dev):
-            return self.model(to_device_image(src["img"], dev, cl), to_device_label(src["label"], dev))
+        with autocast(self.args, self.env.device):
+            return self.model(self.image(src), to_device_label(src["label"], self.env.device))
 
 
 def export_sourceonly(stage: SourceOnlyStage) -> str:
