@@ -1,9 +1,10 @@
 """evaluate.py's mIoU against the Cityscapes benchmark rule (cityscapesScripts, pixel level).
 
-``cityscapesscripts`` (the official evaluation package) is not a dependency: it pulls in
-matplotlib, requests, pyquaternion, coloredlogs and more. So this file carries an
-independent reference implementation of its pixel-level rule
-(``evalPixelLevelSemanticLabeling.py``):
+``cityscapesscripts`` (the official evaluation package) is a test-only dependency
+(``requirements-dev.txt``, installed by ``scripts/test.sh``; it pulls in matplotlib, requests,
+pyquaternion, coloredlogs and more, so the project itself does not need it). Its comparison is
+skipped where it is not installed; this file also carries an independent reference
+implementation of its pixel-level rule (``evalPixelLevelSemanticLabeling.py``), always run:
 
 * a confusion matrix ``M[gt_id, pred_id]`` over Cityscapes **label ids** 0..33, counting every
   pixel;
@@ -15,8 +16,8 @@ independent reference implementation of its pixel-level rule
 
 evaluate.py averages over all 19 classes (a class absent everywhere counts as 0, as the
 original), so the data are built such that every class appears in the ground truth and in
-the predictions; then both rules must give the same numbers. When ``cityscapesscripts``
-happens to be importable, the official code is run on the same files as well.
+the predictions; then both rules must give the same numbers. The official code is run on the
+same files when ``cityscapesscripts`` is importable.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def test_evaluate_matches_cityscapes_pixel_rule(evaluated):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cityscapesscripts") is None,
-                    reason="cityscapesscripts not installed (optional; the reference rule above is always checked)")
+                    reason="cityscapesscripts not installed (requirements-dev.txt); the reference rule above is still checked")
 def test_evaluate_matches_official_cityscapesscripts(evaluated):
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs
 
