@@ -12,4 +12,5 @@ if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, t
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+if [ "$#" -eq 0 ]; then set -- tests; fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
