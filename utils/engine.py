@@ -426,6 +426,7 @@ class Stage:
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, float]] = {}
         self.extra_modules: dict[str, nn.Module] = {}
         self.resuming = False  # set by run_stage when a training state will be restored
+        self.batch = per_rank(args.batch_size, env, "--batch-size")  # this rank's share of the batch
 
     def build(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -462,8 +463,7 @@ class Stage:
 
         args, env = self.args, self.env
         workers = max(0, workers_per_rank(args, env) // len(datasets))
-        batch = per_rank(args.batch_size, env, "--batch-size")
-        streams = [stream(d, batch, env, args, start_iter * args.iter_size, workers) for d in datasets]
+        streams = [stream(d, self.batch, env, args, start_iter * args.iter_size, workers) for d in datasets]
         while True:
             yield tuple(next(s) for s in streams)
 

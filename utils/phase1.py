@@ -22,7 +22,6 @@ from utils.engine import (
     autocast,
     build_network,
     cross_entropy,
-    per_rank,
     prepare_for_training,
     to_device_label,
     unwrap,
@@ -98,7 +97,6 @@ class Phase1Stage(Stage):
 
     def build(self) -> None:
         args, env = self.args, self.env
-        self.batch = per_rank(args.batch_size, env, "--batch-size")
         net = build_network(args, decoupled=True, aux=True, skip_weights=self.resuming)
         d1 = FCDiscriminator(net.stem_channels, ndf=32)
         d2 = FCDiscriminator(args.num_classes, ndf=64)

@@ -23,7 +23,6 @@ from utils.engine import (
     autocast,
     build_network,
     cross_entropy,
-    per_rank,
     prepare_for_training,
     sgd_for,
     to_device_label,
@@ -84,7 +83,6 @@ class Phase2Stage(Stage):
 
     def build(self) -> None:
         args, env = self.args, self.env
-        self.batch = per_rank(args.batch_size, env, "--batch-size")
         if not args.soft_labels_folder:
             raise DatasetError("--soft_labels_folder: required for phase 2 (made by generate_soft_label.py)")
         self.thresholds_np = load_thresholds(args.thresholds_path, args.num_classes)

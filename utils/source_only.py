@@ -20,7 +20,6 @@ from utils.engine import (
     autocast,
     build_network,
     cross_entropy,
-    per_rank,
     prepare_for_training,
     sgd_for,
     to_device_label,
@@ -45,7 +44,6 @@ class SourceOnlyStage(Stage):
 
     def build(self) -> None:
         args, env = self.args, self.env
-        self.batch = per_rank(args.batch_size, env, "--batch-size")
         net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
         self.model = prepare_for_training(SourceOnlyObjective(net, args), env, args)
         self.net = unwrap(self.model).net
