@@ -52,32 +52,34 @@ def reference_update(
     return thresholds
 
 
-def _scipy_softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    """``scipy.special.softmax`` written out (same operations, same dtype)."""
-    x_max = np.amax(x, axis=axis, keepdims=True)
-    exp_x = np.exp(x - x_max)
-    return exp_x / np.sum(exp_x, axis=axis, keepdims=True)
-
-
 def original_get_thresholds(folder: str, p: float, num_classes: int = 19) -> np.ndarray:
-    """The original ``get_thresholds.py`` rule with Python lists (SPEC section 5).
+    """The original ``datasets/get_thresholds.py`` rule, operation for operation (SPEC section 5).
 
-    Every pixel's max probability is kept in a Python list per class (memory grows with
-    the number of files) and each list is fully sorted. Crashes (IndexError) when a class
-    never wins, like the original.
+    Per file: ``scipy.special.softmax`` over the classes, ``argmax`` and ``max``; for each
+    class present (``np.unique``), the list of that class is extended with the *NumPy float32
+    scalars* of its pixels (``list.extend(prob[classes == c])``, as the original: one Python
+    object per pixel, so memory grows with the number of files); every list is sorted in
+    place, descending; ``thr[c] = pool_c[int(p * len(pool_c))]``. One deliberate difference:
+    float16 files are converted to float32 before the softmax (the original would compute
+    the softmax in float16); for float32 files the computation is the original's. Raises
+    ``KeyError`` when a class never wins (the original crashes there too).
     """
-    pools: list[list[float]] = [[] for _ in range(num_classes)]
+    from scipy.special import softmax  # the original's softmax
+
+    cls2prob: dict[int, list] = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".npy"):
             continue
-        logits = np.load(os.path.join(folder, name)).astype(np.float32)
-        prob_all = _scipy_softmax(logits, axis=0)
-        cls = np.argmax(prob_all, axis=0)
-        prob = np.max(prob_all, axis=0)
-        for c in range(num_classes):
-            pools[c].extend(prob[cls == c].tolist())
+        f = np.load(os.path.join(folder, name))
+        f = softmax(f.astype(np.float32, copy=False), axis=0)
+        classes = f.argmax(0)
+        prob = f.max(0)
+        for c in np.unique(classes):
+            cls2prob.setdefault(int(c), []).extend(prob[classes == c])
+    for pool in cls2prob.values():
+        pool.sort(reverse=True)
     out = np.zeros(num_classes, dtype=np.float64)
     for c in range(num_classes):
-        pool = sorted(pools[c], reverse=True)
+        pool = cls2prob[c]
         out[c] = pool[int(p * len(pool))]
     return out

@@ -150,3 +150,46 @@ def test_errors_in_process(tmp_path: Path) -> None:
         compute_thresholds(str(tmp_path / "nope"), 0.8, progress=False)
     with pytest.raises(ThresholdsError, match="between 0 and 1"):
         compute_thresholds(str(SOFT), 1.0, progress=False)
+
+
+def test_near_ties_follow_the_original_argmax(tmp_path: Path) -> None:
+    """Logits a few ulps apart: the fast argmax must fall back to the full rule where the
+    winning probability is shared by an earlier class whose exp value is just below 1."""
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        logits = rng.standard_normal((5, 16, 16)).astype(np.float32)
+        top = logits.max(axis=0)
+        for k, c in enumerate((0, 1, 2)):  # earlier classes 1..3 ulps below the maximum, on some pixels
+            near = np.nextafter(top, np.float32(-np.inf))
+            for _ in range(k):
+                near = np.nextafter(near, np.float32(-np.inf))
+            mask = rng.random(top.shape) < 0.3
+            logits[c][mask] = near[mask]
+        np.save(tmp_path / f"f{i}.npy", logits)
+    from datasets.get_thresholds import _softmax_max
+
+    ambiguous = 0
+    for name in sorted(os.listdir(tmp_path)):
+        x = np.load(tmp_path / name)
+        exp_x = np.exp(x - x.max(0, keepdims=True))
+        probs = exp_x / exp_x.sum(0, keepdims=True)
+        cls, best = _softmax_max(x)
+        np.testing.assert_array_equal(best, probs.max(0))
+        np.testing.assert_array_equal(cls, probs.argmax(0))
+        ambiguous += int(((exp_x >= np.float32(1 - 2**-18)) & (exp_x < 1)).any(axis=0).sum())
+    assert ambiguous > 0  # the fallback path really ran
+    for p in (0.2, 0.8):
+        np.testing.assert_array_equal(compute_thresholds(str(tmp_path), p, num_classes=5, progress=False),
+                                      original_get_thresholds(str(tmp_path), p, num_classes=5))
+
+
+def test_second_pass_without_cache(soft_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that cannot be written (full disk) costs a second softmax pass, not the result."""
+    import datasets.get_thresholds as gt
+
+    def failing_append(self, cls, key):
+        self.close()
+
+    monkeypatch.setattr(gt._KeyCache, "append", failing_append)
+    expected = np.load(f"{PARITY}/thresholds_expected.npz")
+    np.testing.assert_array_equal(compute_thresholds(str(soft_copy), 0.8, progress=False), expected["p0.8"])
