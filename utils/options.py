@@ -75,7 +75,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["fp16", "bf16", "off"], default=None,
                    help="mixed precision; default fp16 on CUDA (the original), off on the CPU")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the stems, body and head (in place; checkpoints unchanged)")
     g = p.add_argument_group("data")
     g.add_argument("--src_dataset", default="gta5", choices=["gta5", "synthia"])
     g.add_argument("--tgt_dataset", default="cityscapes_train")
