@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.labels import class_names, colorize
+from datasets.labels import class_names, colorize, decode_train_ids
 from utils import distributed as du
 from utils.checkpoint import atomic_write
 from utils.engine import LOG, RunError, build_network, evaluate, per_rank, sample_figure, workers_per_rank
@@ -33,7 +33,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
     net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
     save_dir = args.save_dir
     if save_dir:
-        for sub in ("trainid", "color", "side_by_side"):
+        for sub in ("trainid", "labelid", "color", "side_by_side"):
             os.makedirs(os.path.join(save_dir, sub), exist_ok=True)
 
     def save(batch: dict, pred) -> None:
@@ -43,6 +43,8 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
         for i, path in enumerate(batch["path"]):
             name = os.path.basename(path)
             cv2.imwrite(os.path.join(save_dir, "trainid", name), preds[i])
+            # Cityscapes label ids: what cityscapesScripts and the benchmark server read
+            cv2.imwrite(os.path.join(save_dir, "labelid", name), decode_train_ids(preds[i], args.num_classes))
             cv2.imwrite(os.path.join(save_dir, "color", name), colorize(preds[i], args.num_classes)[:, :, ::-1])
             fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
             cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])

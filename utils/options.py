@@ -134,7 +134,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--split", default="val", choices=["val", "train", "test"], help="Cityscapes split")
         g.add_argument("--scales", default="1.0", help="comma-separated test scales, e.g. 0.75,1.0,1.25")
         g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-        g.add_argument("--save_dir", default="", help="write trainId, colour and side-by-side PNGs here")
+        g.add_argument("--save_dir", default="",
+                       help="write trainId, Cityscapes labelId, colour and side-by-side PNGs here")
         g.add_argument("--results_json", default="", help="results JSON (default <snapshot-dir>/results.json)")
     g = p.add_argument_group("ignored", "flags of the original that it never reads; accepted, ignored")
     for flag, typ, default in IGNORED:
