@@ -13,8 +13,10 @@ banks in Python lists with a full sort). Prints a table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -213,6 +215,39 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+def build_candidates(phase: str, args, env: DistEnv, baseline: bool, only: str | None) -> list[tuple[str, object]]:
+    """(name, step function) pairs of one phase; with ``only`` just that one is built."""
+    names = ["phase1 ours", "phase1 straightforward"] if phase == "1" else ["phase2 ours"]
+    if not baseline:
+        names = [n for n in names if "straightforward" not in n]
+    if only is not None:
+        names = [n for n in names if n == only]
+    out = []
+    for name in names:
+        if name == "phase1 ours":
+            out.append((name, phase1_ours(args, env)[0]))
+        elif name == "phase1 straightforward":
+            out.append((name, phase1_straightforward(args, env)))
+        else:
+            out.append((name, phase2_ours(args, env)))
+    return out
+
+
+def measure(name: str, fn, a, device: torch.device) -> tuple[str, float, float, float]:
+    sec = time_steps(fn, a.iters, a.warmup, device)
+    flops = count_flops(fn) if a.flops else 0.0
+    return name, sec, peak_memory_mb(device), flops
+
+
+def in_child(name: str, argv: list[str]) -> tuple[float, float, float]:
+    """Measure one candidate in a fresh process: its own peak RSS, no state left by another."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--only", name], check=True,
+                         capture_output=True, text=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    r = json.loads(line[len("RESULT "):])
+    return r["sec"], r["mem"], r["flops"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -225,34 +260,50 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward original-style step")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="CPU: each candidate runs in its own process this many times, in alternating order; "
+                         "the median time is reported")
     ap.add_argument("--flops", action="store_true", help="count FLOPs of one step (torch.utils.flop_counter)")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: not shown)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one candidate, JSON result
     a = ap.parse_args()
     crop = tuple(int(v) for v in a.crop.split(","))
     device = torch.device(a.device)
     env = DistEnv(device=device)
     torch.manual_seed(0)
+    if a.only is not None:
+        phase = a.only[len("phase")]
+        args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
+        ((name, fn),) = build_candidates(phase, args, env, True, a.only)
+        _, sec, mem, flops = measure(name, fn, a, device)
+        print("RESULT " + json.dumps({"sec": sec, "mem": mem, "flops": flops}))
+        return
     rows = []
     for phase in a.phase.split(","):
         args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
-        if phase == "1":
-            step, _ = phase1_ours(args, env)
-            candidates = [("phase1 ours", step)]
-            if a.baseline:
-                candidates.append(("phase1 straightforward", phase1_straightforward(args, env)))
+        if device.type == "cpu":
+            # Fresh processes: ru_maxrss cannot be reset, and alternation evens out drift.
+            names = [n for n in ("phase1 ours", "phase1 straightforward") if a.baseline or "ours" in n] \
+                if phase == "1" else ["phase2 ours"]
+            argv = list(sys.argv[1:])
+            results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+            for r in range(a.rounds):
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    results[n].append(in_child(n, argv))
+            for n in names:
+                secs = sorted(x[0] for x in results[n])
+                rows.append((n, secs[len(secs) // 2], max(x[1] for x in results[n]), results[n][0][2]))
         else:
-            candidates = [("phase2 ours", phase2_ours(args, env))]
-        for name, fn in candidates:
-            sec = time_steps(fn, a.iters, a.warmup, device)
-            flops = count_flops(fn) if a.flops else 0.0
-            rows.append((name, sec, peak_memory_mb(device), flops))
+            for name, fn in build_candidates(phase, args, env, a.baseline, None):
+                rows.append(measure(name, fn, a, device))
     print(f"device={device} crop={crop[0]}x{crop[1]} batch={a.batch} amp={a.amp} channels_last={a.channels_last} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'step':26s} {'s/iter':>9s} {'peak MB':>9s} {'TFLOP/iter':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
+          f"compile={a.compile} torch={torch.__version__} threads={torch.get_num_threads()}")
+    mem_name = "peak RSS MB" if device.type == "cpu" else "peak MB"
+    print(f"{'step':26s} {'s/iter':>9s} {mem_name:>11s} {'TFLOP/iter':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for name, sec, mem, flops in rows:
         tf = flops / 1e12
         mfu = f"{100 * tf / sec / a.peak_tflops:5.1f}%" if a.peak_tflops and flops else "  -"
-        print(f"{name:26s} {sec:9.3f} {mem:9.0f} {tf:11.3f} {tf / sec:8.2f} {mfu:>6s}")
+        print(f"{name:26s} {sec:9.3f} {mem:11.0f} {tf:11.3f} {tf / sec:8.2f} {mfu:>6s}")
     base = {r[0].split()[0]: r[1] for r in rows if "straightforward" in r[0]}
     for name, sec, _, _ in rows:
         ph = name.split()[0]

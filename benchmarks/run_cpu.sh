@@ -11,5 +11,5 @@ echo "== $(date -u +%F) $(uname -m), $(nproc) CPUs, $($PY -c 'import torch; prin
 echo "-- online class thresholds"; $PY benchmarks/bench_thresholds_online.py --repeats 8
 echo "-- offline class thresholds"; $PY benchmarks/bench_thresholds_offline.py
 echo "-- data pipeline"; $PY benchmarks/bench_data.py --samples 4
-echo "-- training step"; $PY benchmarks/bench_step.py --device cpu --crop 128,64 --batch 1 --iters 3 --baseline
+echo "-- training step"; $PY benchmarks/bench_step.py --device cpu --crop 128,64 --batch 1 --iters 3 --baseline --rounds 3
 } 2>&1 | tee "$LOG"

@@ -1,0 +1,36 @@
+"""Smoke runs of the benchmark scripts at tiny sizes, so they keep working (no timing asserts:
+the figures in docs/BENCHMARKS.md come from full runs). Each script checks that our result equals
+the original rule's and says so in its output."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import run_script
+
+
+def test_online_thresholds_benchmark() -> None:
+    proc = run_script(["benchmarks/bench_thresholds_online.py", "--repeats", "1", "--bank-length", "2000",
+                       "--pixels", "500"])
+    assert "thresholds identical after every update: yes" in proc.stdout, proc.stdout
+    assert re.search(r"OnlineClassThresholds, cpu\s+[\d.]+\s+[\d.]+", proc.stdout), proc.stdout
+
+
+def test_offline_thresholds_benchmark() -> None:
+    proc = run_script(["benchmarks/bench_thresholds_offline.py", "--sizes", "2,3"])
+    assert "results identical for every N: yes" in proc.stdout, proc.stdout
+    assert re.search(r"^\s+3\s+[\d.]+\s+[\d.]+\s+[\d.]+", proc.stdout, re.MULTILINE), proc.stdout
+
+
+def test_data_benchmark() -> None:
+    proc = run_script(["benchmarks/bench_data.py", "--samples", "1"])
+    for row in ("GTA5 1914x1052 -> 896x512", "Cityscapes 2048x1024", "Cityscapes + soft label"):
+        assert re.search(re.escape(row) + r"\s+[\d.]+\s+[\d.]+\s+[\d.]+x", proc.stdout), proc.stdout
+
+
+def test_step_benchmark() -> None:
+    proc = run_script(["benchmarks/bench_step.py", "--device", "cpu", "--crop", "64,32", "--iters", "1",
+                       "--warmup", "0", "--rounds", "1", "--baseline"])
+    for row in ("phase1 ours", "phase1 straightforward", "phase2 ours"):
+        assert re.search(re.escape(row) + r"\s+[\d.]+\s+\d+", proc.stdout), proc.stdout
+    assert "phase1: straightforward / ours =" in proc.stdout
