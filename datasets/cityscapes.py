@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
+from .get_thresholds import read_npy_header
 from .gta5 import (
     Key,
     augment_or_whole,
@@ -156,11 +157,7 @@ class CityscapesDataset(Dataset):
                 raise DatasetError(f"{path}: soft label of image {image_path} not found")
             try:
                 with open(path, "rb") as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    else:
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    shape, _, dtype = read_npy_header(f)
             except (OSError, ValueError, EOFError) as e:
                 raise DatasetError(f"{path}: not a valid .npy file ({e})") from None
             self._check_soft_shape(path, shape, dtype, num_classes, expected_hw)

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -133,16 +134,21 @@ def _list_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from the header of an open ``.npy`` file, which is left
+    positioned at the array data. Raises ``ValueError`` for a file that is not ``.npy``."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _read_logits(path: str, num_classes: int, scratch: _Scratch) -> np.ndarray:
     """The logits of ``path`` as float32 ``[C, H, W]``; float32 C-order files are read straight
     into ``scratch.logits`` (no new array per file), anything else through ``np.load``."""
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            shape, fortran_order, dtype = read_npy_header(f)
             if len(shape) != 3 or shape[0] != num_classes:
                 raise ThresholdsError(f"{path}: expected logits of shape [{num_classes}, H, W], got {list(shape)}")
             if not np.issubdtype(dtype, np.floating):
