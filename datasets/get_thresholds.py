@@ -91,14 +91,17 @@ def _softmax_max(logits: np.ndarray, scratch: _Scratch | None = None) -> tuple[n
     it is not (two logits within ~1e-6) are decided by the full rule.
 
     ``logits`` is float32 ``[C, ...]``. With ``scratch`` the results are views into its
-    arrays, valid until the next call.
+    arrays, valid until the next call. Raises ``FloatingPointError`` when a pixel's largest
+    logit is NaN or infinite (the softmax is undefined there).
     """
     if scratch is None:
         scratch = _Scratch()
     scratch.ensure(logits.shape)
     exp_x, total, best, cls = scratch.exp, scratch.total, scratch.best, scratch.cls
     num_classes = logits.shape[0]
-    np.amax(logits, axis=0, keepdims=True, out=scratch.top)
+    np.amax(logits, axis=0, keepdims=True, out=scratch.top)  # NaN if any logit of the pixel is NaN
+    if not np.isfinite(scratch.top).all():
+        raise FloatingPointError("logits contain NaN or infinite values")
     np.subtract(logits, scratch.top, out=exp_x)
     np.exp(exp_x, out=exp_x)
     np.sum(exp_x, axis=0, out=total)
@@ -167,9 +170,10 @@ def _read_logits(path: str, num_classes: int, scratch: _Scratch) -> np.ndarray:
 def _file_keys(path: str, num_classes: int, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
     """Winning class (int64) and the bit pattern of the winning probability (uint32) per pixel,
     as views into ``scratch`` (valid until the next file)."""
-    cls, prob = _softmax_max(_read_logits(path, num_classes, scratch), scratch)
-    if not np.isfinite(prob).all():
-        raise ThresholdsError(f"{path}: logits contain NaN or infinite values")
+    try:
+        cls, prob = _softmax_max(_read_logits(path, num_classes, scratch), scratch)
+    except FloatingPointError as exc:
+        raise ThresholdsError(f"{path}: {exc}") from None
     return cls.reshape(-1), prob.reshape(-1).view(np.uint32)
 
 

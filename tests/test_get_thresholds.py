@@ -121,6 +121,8 @@ def _bad_file(folder: Path, name: str, array: np.ndarray) -> None:
         ("empty", "no .npy files"),
         ("ndim", "bad_ndim.npy"),
         ("classes", "bad_classes.npy"),
+        ("nan", "bad_nan.npy"),
+        ("inf", "bad_inf.npy"),
         ("p_high", "between 0 and 1"),
         ("p_zero", "between 0 and 1"),
     ],
@@ -134,6 +136,10 @@ def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
         _bad_file(folder, "bad_ndim.npy", np.zeros((19, 4), dtype=np.float32))
     elif case == "classes":
         _bad_file(folder, "bad_classes.npy", np.zeros((18, 4, 4), dtype=np.float32))
+    elif case in ("nan", "inf"):
+        logits = np.zeros((19, 4, 4), dtype=np.float32)
+        logits[3, 1, 2] = np.nan if case == "nan" else np.inf
+        _bad_file(folder, f"bad_{case}.npy", logits)
     elif case in ("p_high", "p_zero"):
         shutil.copytree(SOFT, folder)
         p = "1.5" if case == "p_high" else "0"
