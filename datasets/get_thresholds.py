@@ -163,6 +163,8 @@ def _read_logits(path: str, num_classes: int, scratch: _Scratch) -> np.ndarray:
                     raise ThresholdsError(f"cannot read {path}: file is truncated")
                 return scratch.logits
         return np.load(path).astype(np.float32, copy=False)
+    except ThresholdsError:
+        raise
     except (OSError, ValueError) as exc:
         raise ThresholdsError(f"cannot read {path}: {exc}") from exc
 

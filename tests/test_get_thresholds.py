@@ -123,6 +123,7 @@ def _bad_file(folder: Path, name: str, array: np.ndarray) -> None:
         ("classes", "bad_classes.npy"),
         ("nan", "bad_nan.npy"),
         ("inf", "bad_inf.npy"),
+        ("truncated", "bad_truncated.npy: file is truncated"),
         ("p_high", "between 0 and 1"),
         ("p_zero", "between 0 and 1"),
     ],
@@ -140,6 +141,10 @@ def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
         logits = np.zeros((19, 4, 4), dtype=np.float32)
         logits[3, 1, 2] = np.nan if case == "nan" else np.inf
         _bad_file(folder, f"bad_{case}.npy", logits)
+    elif case == "truncated":
+        _bad_file(folder, "bad_truncated.npy", np.zeros((19, 4, 4), dtype=np.float32))
+        data = (folder / "bad_truncated.npy").read_bytes()
+        (folder / "bad_truncated.npy").write_bytes(data[:-10])
     elif case in ("p_high", "p_zero"):
         shutil.copytree(SOFT, folder)
         p = "1.5" if case == "p_high" else "0"
