@@ -192,25 +192,20 @@ def _unknown_id_warnings(report: Report, ids_by_path: dict, max_id: int, what: s
                         kind="ids")
 
 
-# ---------------------------------------------------------------------------------------------- GTA5
-def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 1, read_ids: bool = True) -> None:
-    """Check a GTA5 root (see the module docstring)."""
-    if not os.path.isdir(root):
-        report.problem(f"{root}: GTA5 root folder not found")
-        report.summary.append(f"source gta5 {root}: not found")
-        return
-    images_dir, labels_dir = os.path.join(root, "images"), os.path.join(root, "labels")
-    images = _pngs(images_dir) if os.path.isdir(images_dir) else None
-    labels = _pngs(labels_dir) if os.path.isdir(labels_dir) else None
-    if images is None:
-        report.problem(f"{images_dir}: GTA5 images folder not found")
-    elif not images:
-        report.problem(f"{images_dir}: no .png image found")
-    if labels is None:
-        report.problem(f"{labels_dir}: GTA5 labels folder not found")
-    elif not labels:
-        report.problem(f"{labels_dir}: no .png label file found")
-    images, labels = images or [], labels or []
+def _image_label_pairs(report: Report, images_dir: str, labels_dir: str, missing: tuple[str, str],
+                       empty: tuple[str, str], label_modes: Sequence[str] | None
+                       ) -> tuple[list[str], list[str], list[str]]:
+    """``(images, labels, paired)``: the ``.png`` names of a source dataset's two flat folders and
+    those present in both. Reports a missing (``missing``) or empty (``empty``) folder, every file
+    without its partner, and checks the headers of the pairs (``label_modes`` as in
+    :func:`_check_headers`)."""
+    found = [_pngs(d) if os.path.isdir(d) else None for d in (images_dir, labels_dir)]
+    for folder, names, gone, none in zip((images_dir, labels_dir), found, missing, empty):
+        if names is None:
+            report.problem(f"{folder}: {gone}")
+        elif not names:
+            report.problem(f"{folder}: {none}")
+    images, labels = found[0] or [], found[1] or []
     image_set, label_set = set(images), set(labels)
     if os.path.isdir(images_dir) and os.path.isdir(labels_dir):
         for n in images:
@@ -221,7 +216,22 @@ def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 
                 report.problem(f"{os.path.join(images_dir, n)}: image of label {os.path.join(labels_dir, n)} not found")
     paired = [n for n in images if n in label_set]
     _check_headers(report, [(os.path.join(images_dir, n), os.path.join(labels_dir, n)) for n in paired],
-                   exact=False, label_modes=LABEL_MODES)
+                   exact=False, label_modes=label_modes)
+    return images, labels, paired
+
+
+# ---------------------------------------------------------------------------------------------- GTA5
+def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 1, read_ids: bool = True) -> None:
+    """Check a GTA5 root (see the module docstring)."""
+    if not os.path.isdir(root):
+        report.problem(f"{root}: GTA5 root folder not found")
+        report.summary.append(f"source gta5 {root}: not found")
+        return
+    images_dir, labels_dir = os.path.join(root, "images"), os.path.join(root, "labels")
+    images, labels, paired = _image_label_pairs(
+        report, images_dir, labels_dir, ("GTA5 images folder not found", "GTA5 labels folder not found"),
+        ("no .png image found", "no .png label file found"), LABEL_MODES)
+    image_set, label_set = set(images), set(labels)
 
     classes_of: dict[str, list[int]] = {}
     if read_ids and labels:
@@ -320,25 +330,9 @@ def check_synthia(root: str, report: Report, num_classes: int = 16, workers: int
         report.summary.append(f"source synthia {root}: not found")
         return
     images_dir, labels_dir = os.path.join(root, "RGB"), os.path.join(root, "GT", "LABELS")
-    images = _pngs(images_dir) if os.path.isdir(images_dir) else None
-    labels = _pngs(labels_dir) if os.path.isdir(labels_dir) else None
-    for folder, found, what in ((images_dir, images, "RGB"), (labels_dir, labels, "GT/LABELS")):
-        if found is None:
-            report.problem(f"{folder}: SYNTHIA {what} folder not found")
-        elif not found:
-            report.problem(f"{folder}: no .png file found")
-    images, labels = images or [], labels or []
-    label_set, image_set = set(labels), set(images)
-    if os.path.isdir(images_dir) and os.path.isdir(labels_dir):
-        for n in images:
-            if n not in label_set:
-                report.problem(f"{os.path.join(labels_dir, n)}: label of image {os.path.join(images_dir, n)} not found")
-        for n in labels:
-            if n not in image_set:
-                report.problem(f"{os.path.join(images_dir, n)}: image of label {os.path.join(labels_dir, n)} not found")
-    paired = [n for n in images if n in label_set]
-    _check_headers(report, [(os.path.join(images_dir, n), os.path.join(labels_dir, n)) for n in paired],
-                   exact=False, label_modes=None)
+    images, labels, paired = _image_label_pairs(
+        report, images_dir, labels_dir, ("SYNTHIA RGB folder not found", "SYNTHIA GT/LABELS folder not found"),
+        ("no .png file found", "no .png file found"), None)
     decoded = 0
     if read_ids and labels:
         ids_by_path = read_all_ids([os.path.join(labels_dir, n) for n in labels], "synthia", workers)

@@ -8,18 +8,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import REPO, filled_sourceonly_checkpoint
 
 IMG_W, IMG_H = 128, 64  # synthetic image size
+SOFT_HW = (math.ceil(IMG_H / 8), math.ceil(IMG_W / 8))  # soft labels of those images (stride 8)
 NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL = 6, 4, 2
 SCRIPT_TIMEOUT_S = 300
 
@@ -59,6 +62,21 @@ def target_train_basenames(data: Mapping[str, Path]) -> list[str]:
     """Basenames (without ``.png``) of the Cityscapes train images of ``synthetic_data``."""
     root = Path(data["cityscapes"]) / "leftImg8bit" / "train"
     return sorted(p.name[: -len(".png")] for p in root.rglob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def fake_soft(synthetic_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Random float32 soft labels ``[19, H/8, W/8]`` for every target train image of
+    ``synthetic_data`` and a valid thresholds file. Shared: tests that alter them work on a copy."""
+    root = tmp_path_factory.mktemp("fake_soft")
+    soft = root / "soft_labels"
+    soft.mkdir()
+    rng = np.random.default_rng(0)
+    for name in target_train_basenames(synthetic_data):
+        np.save(soft / f"{name}.npy", (rng.standard_normal((19, *SOFT_HW)) * 3).astype(np.float32))
+    thresholds = root / "thresholds.npy"
+    np.save(thresholds, np.full(19, 0.3))
+    return soft, thresholds
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from model import DecoupleNet
-from tests.conftest import IMG_H, IMG_W, assert_same_state, run_script, target_train_basenames, tiny_args
+from tests.conftest import SOFT_HW, assert_same_state, run_script, target_train_basenames, tiny_args
 from tests.helpers import PARITY, REPO, filled_phase1_checkpoint
 
 PHASE2_GROUPS = {"model_B2_state_dict", "model_B_state_dict", "head_state_dict", "classifier_state_dict"}
-SOFT_HW = (math.ceil(IMG_H / 8), math.ceil(IMG_W / 8))
 ONE_LINE_ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
 TINY_CITYSCAPES = Path(PARITY) / "cityscapes_tiny"
 
@@ -104,20 +103,6 @@ def test_readme_chain(chain, synthetic_data) -> None:
 
 
 # ---------------------------------------------------------------------------- phase 2 on its own
-@pytest.fixture(scope="module")
-def fake_soft(synthetic_data, tmp_path_factory):
-    """Random float32 soft labels of the right shape and a valid thresholds file."""
-    root = tmp_path_factory.mktemp("fake_soft")
-    soft = root / "soft_labels"
-    soft.mkdir()
-    rng = np.random.default_rng(0)
-    for name in target_train_basenames(synthetic_data):
-        np.save(soft / f"{name}.npy", (rng.standard_normal((19, *SOFT_HW)) * 3).astype(np.float32))
-    thresholds = root / "thresholds.npy"
-    np.save(thresholds, np.full(19, 0.3))
-    return soft, thresholds
-
-
 def phase2_args(data, soft: Path, thresholds: Path, resume: Path, snapshot: Path, *extra) -> list:
     return ["train_phase2.py", *tiny_args(data), "--soft_labels_folder", soft, "--thresholds_path", thresholds,
             "--resume", resume, "--snapshot-dir", snapshot, *extra]
