@@ -215,22 +215,20 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def build_candidates(phase: str, args, env: DistEnv, baseline: bool, only: str | None) -> list[tuple[str, object]]:
-    """(name, step function) pairs of one phase; with ``only`` just that one is built."""
-    names = ["phase1 ours", "phase1 straightforward"] if phase == "1" else ["phase2 ours"]
-    if not baseline:
-        names = [n for n in names if "straightforward" not in n]
-    if only is not None:
-        names = [n for n in names if n == only]
-    out = []
-    for name in names:
-        if name == "phase1 ours":
-            out.append((name, phase1_ours(args, env)[0]))
-        elif name == "phase1 straightforward":
-            out.append((name, phase1_straightforward(args, env)))
-        else:
-            out.append((name, phase2_ours(args, env)))
-    return out
+def candidate_names(phase: str, baseline: bool) -> list[str]:
+    """The steps timed for ``phase`` ("1" or "2")."""
+    if phase == "2":
+        return ["phase2 ours"]
+    return ["phase1 ours", "phase1 straightforward"] if baseline else ["phase1 ours"]
+
+
+def build_step(name: str, args, env: DistEnv):
+    """The step function of candidate ``name`` (see :func:`candidate_names`)."""
+    if name == "phase1 ours":
+        return phase1_ours(args, env)[0]
+    if name == "phase1 straightforward":
+        return phase1_straightforward(args, env)
+    return phase2_ours(args, env)
 
 
 def measure(name: str, fn, a, device: torch.device) -> tuple[str, float, float, float]:
@@ -272,19 +270,15 @@ def main() -> None:
     env = DistEnv(device=device)
     torch.manual_seed(0)
     if a.only is not None:
-        phase = a.only[len("phase")]
         args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
-        ((name, fn),) = build_candidates(phase, args, env, True, a.only)
-        _, sec, mem, flops = measure(name, fn, a, device)
+        _, sec, mem, flops = measure(a.only, build_step(a.only, args, env), a, device)
         print("RESULT " + json.dumps({"sec": sec, "mem": mem, "flops": flops}))
         return
     rows = []
     for phase in a.phase.split(","):
-        args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
+        names = candidate_names(phase, a.baseline)
         if device.type == "cpu":
             # Fresh processes: ru_maxrss cannot be reset, and alternation evens out drift.
-            names = [n for n in ("phase1 ours", "phase1 straightforward") if a.baseline or "ours" in n] \
-                if phase == "1" else ["phase2 ours"]
             argv = list(sys.argv[1:])
             results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
             for r in range(a.rounds):
@@ -294,7 +288,9 @@ def main() -> None:
                 secs = sorted(x[0] for x in results[n])
                 rows.append((n, secs[len(secs) // 2], max(x[1] for x in results[n]), results[n][0][2]))
         else:
-            for name, fn in build_candidates(phase, args, env, a.baseline, None):
+            args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
+            candidates = [(n, build_step(n, args, env)) for n in names]
+            for name, fn in candidates:
                 rows.append(measure(name, fn, a, device))
     print(f"device={device} crop={crop[0]}x{crop[1]} batch={a.batch} amp={a.amp} channels_last={a.channels_last} "
           f"compile={a.compile} torch={torch.__version__} threads={torch.get_num_threads()}")
