@@ -78,8 +78,5 @@ def original_get_thresholds(folder: str, p: float, num_classes: int = 19) -> np.
             cls2prob.setdefault(int(c), []).extend(prob[classes == c])
     for pool in cls2prob.values():
         pool.sort(reverse=True)
-    out = np.zeros(num_classes, dtype=np.float64)
-    for c in range(num_classes):
-        pool = cls2prob[c]
-        out[c] = pool[int(p * len(pool))]
-    return out
+    # np.array of the pools' float32 scalars: float32, the dtype the original saves
+    return np.array([cls2prob[c][int(p * len(cls2prob[c]))] for c in range(num_classes)])

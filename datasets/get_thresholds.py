@@ -4,9 +4,18 @@ Usage, exactly as the original::
 
     cd datasets && python3 get_thresholds.py 0.8 gta2city_soft_labels
 
-writes ``./gta2city_soft_labels_thresholds_p0.8.npy`` (19 float64 values). Also runs as
+writes ``./gta2city_soft_labels_thresholds_p0.8.npy`` (19 float32 values, the original's
+dtype). As the original, the file is ``./FOLDER_thresholds_pP.npy`` relative to the working
+directory, with ``P`` as Python prints the float: from the repository root,
+``python3 datasets/get_thresholds.py 0.8 datasets/gta2city_soft_labels`` writes
+``datasets/gta2city_soft_labels_thresholds_p0.8.npy``, the file the README's phase-2 command
+reads. Two cases the original gets wrong are handled: a trailing ``/`` on FOLDER is dropped (the
+original would write ``FOLDER/_thresholds_pP.npy`` inside the soft-label folder), and an
+absolute FOLDER gives ``FOLDER_thresholds_pP.npy`` next to it (the original prefixes ``./``,
+which turns ``/data/soft`` into ``./data/soft`` under the working directory). Also runs as
 ``python3 -m datasets.get_thresholds P FOLDER``; ``--output PATH`` chooses the file,
-``--num-classes`` the class count and ``--quiet`` hides the progress bars.
+``--num-classes`` the class count and ``--quiet`` hides the progress bars. The file is written
+atomically, with the permissions of an ordinary new file (0644 under umask 022).
 
 The rule (SPEC section 5): for every ``.npy`` logits file ``[C, H, W]``, softmax over the
 classes (float32, computed like ``scipy.special.softmax``), ``cls = argmax``,
@@ -257,8 +266,9 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
             the temporary cache cannot be written).
 
     Returns:
-        float64 ``[C]``: ``thr[c] = sorted(pool_c, descending)[int(p * len(pool_c))]``,
-        identical to the original's values. A class that never wins gets 0.0 and a
+        float32 ``[C]`` (the original's dtype: its pools hold float32 probabilities):
+        ``thr[c] = sorted(pool_c, descending)[int(p * len(pool_c))]``, identical to the
+        original's values. A class that never wins gets 0.0 and a
         ``UserWarning`` naming it.
 
     Raises:
@@ -299,7 +309,7 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
     lo_bin, _ = _select(hist_lo.reshape(num_classes, _LO_BINS), want - above)
 
     bits = ((hi_bin.astype(np.uint32) << 16) | lo_bin.astype(np.uint32)).astype(np.uint32)
-    thresholds = bits.view(np.float32).astype(np.float64)
+    thresholds = bits.view(np.float32).copy()
     for c in np.flatnonzero(totals == 0):
         thresholds[c] = NEVER_WON_THRESHOLD
         warnings.warn(
@@ -312,18 +322,31 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
 
 
 def default_output_name(folder: str, p: float) -> str:
-    """``<folder basename>_thresholds_p<P>.npy`` with ``P`` as Python prints the float."""
-    base = os.path.basename(os.path.normpath(folder))
-    return f"{base}_thresholds_p{p}.npy"
+    """The original's output path ``./<FOLDER>_thresholds_p<P>.npy``, ``P`` as Python prints the float.
+
+    Relative to the working directory, like the original's ``"./{}_thresholds_p{}.npy".format(
+    FOLDER, P)``; trailing separators of ``folder`` are dropped and an absolute ``folder`` stays
+    absolute (both cases where the original writes somewhere unintended).
+    """
+    seps = os.sep + (os.altsep or "")
+    stem = folder.rstrip(seps) or folder
+    if os.path.isabs(stem):
+        return f"{stem}_thresholds_p{p}.npy"
+    return os.path.join(".", f"{stem}_thresholds_p{p}.npy")
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    """``np.save`` to a temporary file next to ``path``, then rename it into place."""
+    """``np.save`` to a temporary file next to ``path``, then rename it into place; the file gets
+    the permissions of an ordinary new file (not ``mkstemp``'s 0600)."""
+    from utils.files import create_temp_file  # here: run as a file, the repository root joins sys.path in __main__
+
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=directory)
+    fd, tmp = create_temp_file(directory, ".tmp_", ".npy")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -339,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("p", metavar="P", type=float, help="rank fraction, e.g. 0.8")
     parser.add_argument("folder", metavar="FOLDER", help="folder of soft-label .npy files")
     parser.add_argument(
-        "--output", default=None, help="output file (default: ./<FOLDER basename>_thresholds_p<P>.npy)"
+        "--output", default=None,
+        help="output file (default: ./<FOLDER>_thresholds_p<P>.npy relative to the working directory, as the original)"
     )
     parser.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -351,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             thresholds = compute_thresholds(args.folder, args.p, args.num_classes, progress=not args.quiet)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-        _atomic_save(output, thresholds)
+        _atomic_save(output, thresholds.astype(np.float32, copy=False))
     except ThresholdsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,9 +23,10 @@ SOFT = Path(PARITY) / "soft_labels"
 SCRIPT = Path(REPO) / "datasets" / "get_thresholds.py"
 
 
-def _run(args: list[str], cwd: Path | str, module: bool = False) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path | str, module: bool = False, umask: int | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "datasets.get_thresholds", *args] if module else [sys.executable, str(SCRIPT), *args]
-    return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True, timeout=120,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_cli_matches_original_from_datasets_folder(soft_copy: Path, tmp_path: Pa
     proc = _run(["0.8", str(soft_copy), "--output", str(out)], cwd=Path(REPO) / "datasets")
     assert proc.returncode == 0, proc.stderr
     result = np.load(out)
-    assert result.dtype == np.float64 and result.shape == (19,)
+    assert result.dtype == np.float32 and result.shape == (19,)  # the original saves float32
     np.testing.assert_array_equal(result, expected["p0.8"])
     # as a module from the repository root
     out = tmp_path / "out_p0.5.npy"
@@ -55,12 +56,36 @@ def test_cli_matches_original_from_datasets_folder(soft_copy: Path, tmp_path: Pa
 def test_default_output_name(soft_copy: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    rel = os.path.relpath(soft_copy, work) + "/"  # relative, with a trailing slash
+    rel = os.path.relpath(soft_copy, work) + "/"  # relative, with a trailing slash (dropped)
     proc = _run(["0.80", rel, "--quiet"], cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(work)) == ["gta2city_soft_labels_thresholds_p0.8.npy"]
-    assert default_output_name("a/b/soft/", 0.5) == "soft_thresholds_p0.5.npy"
-    assert default_output_name("soft", 1e-05) == "soft_thresholds_p1e-05.npy"
+    assert os.listdir(work) == []  # ./../gta2city_soft_labels_thresholds_p0.8.npy: next to the folder
+    assert (tmp_path / "gta2city_soft_labels_thresholds_p0.8.npy").is_file()
+    assert not list(soft_copy.glob("*thresholds*"))  # never inside the soft-label folder
+    # the original's "./{}_thresholds_p{}.npy".format(FOLDER, float(P))
+    assert default_output_name("a/b/soft/", 0.5) == os.path.join(".", "a/b/soft_thresholds_p0.5.npy")
+    assert default_output_name("soft", float("1e-05")) == os.path.join(".", "soft_thresholds_p1e-05.npy")
+    assert default_output_name("/data/soft", 0.8) == "/data/soft_thresholds_p0.8.npy"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_readme_commands_write_next_to_the_folder(tmp_path: Path, umask: int, mode: int) -> None:
+    """Both README forms write <root>/datasets/gta2city_soft_labels_thresholds_p0.8.npy (where the
+    phase-2 command reads it), float32, with the mode of an ordinary new file under the umask."""
+    root = tmp_path / "repo"
+    shutil.copytree(SOFT, root / "datasets" / "gta2city_soft_labels")
+    expected = np.load(f"{PARITY}/thresholds_expected.npz")["p0.8"]
+    target = root / "datasets" / "gta2city_soft_labels_thresholds_p0.8.npy"
+    for cwd, folder in ((root, "datasets/gta2city_soft_labels"), (root / "datasets", "gta2city_soft_labels")):
+        before = sorted(os.listdir(cwd))
+        proc = _run(["0.8", folder, "--quiet"], cwd=cwd, umask=umask)
+        assert proc.returncode == 0, proc.stderr
+        result = np.load(target)
+        assert result.dtype == np.float32 and result.shape == (19,)
+        np.testing.assert_array_equal(result, expected)
+        assert oct(target.stat().st_mode & 0o777) == oct(mode)
+        assert not [n for n in os.listdir(cwd) if n not in before and n != target.name]  # nothing else
+        target.unlink()
 
 
 def test_in_process_matches_original_rule_with_ties(tmp_path: Path) -> None:

@@ -37,7 +37,16 @@ def load(path: Path):
 # ---------------------------------------------------------------------------- the README chain
 @pytest.fixture(scope="module")
 def chain(synthetic_data, sourceonly_ckpt, tmp_path_factory):
-    """The four README commands in order (tiny sizes, one CPU process, README flags otherwise)."""
+    """The four README commands in order (tiny sizes, one CPU process, README flags otherwise),
+    under umask 022 (inherited by the scripts) for the file-mode checks."""
+    old_umask = os.umask(0o022)
+    try:
+        yield from _chain(synthetic_data, sourceonly_ckpt, tmp_path_factory)
+    finally:
+        os.umask(old_umask)
+
+
+def _chain(synthetic_data, sourceonly_ckpt, tmp_path_factory):
     work = tmp_path_factory.mktemp("chain")
     snaps = work / "snapshots"
     data = tiny_args(synthetic_data)
@@ -100,6 +109,20 @@ def test_readme_chain(chain, synthetic_data) -> None:
         assert math.isfinite(m["loss_seg"]) and math.isfinite(m["loss_src_seg"]), m
     # the phase-2 network started from the phase-1 target branch
     assert "phase1 layout" in (snap / "phase2.log").read_text()
+
+
+def test_readme_chain_files_have_ordinary_modes(chain) -> None:
+    """Under umask 022 every file the chain writes is 0644, as a plain open() would create it (the
+    atomic writes used to leave mkstemp's 0600, unreadable for a lab's other users)."""
+    snaps = chain["phase1_ckpt"].parent.parent
+    files = [chain["phase1_ckpt"], snaps / "GTA2Cityscapes_phase1" / "latest.pth",
+             chain["phase2_snapshot"] / "GTA5_2.pth", chain["phase2_snapshot"] / "latest.pth",
+             chain["phase2_snapshot"] / "phase2_args.json", chain["thresholds"],
+             *snaps.glob("*/class_balance_*.json"), *chain["soft"].glob("*.npy")]
+    assert len(files) >= 9
+    modes = {str(p.relative_to(chain["work"])): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert np.load(chain["thresholds"]).dtype == np.float32
 
 
 # ---------------------------------------------------------------------------- phase 2 on its own

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,8 +43,16 @@ def test_evaluate_counts_every_image_once_and_matches_direct_miou(data):
     net.eval()
     root = data / "data" / "cityscapes"
     out = data / "eval"
-    _run(["evaluate.py", "--cpu", "--quiet", "--resume", str(ckpt), "--tgt_rootpath", str(root), *SIZE,
-          "--num-workers", "0", "--batch_size_val", "2", "--snapshot-dir", str(out), "--save_dir", str(out / "preds")])
+    old_umask = os.umask(0o022)  # inherited by the script: its outputs must be 0644
+    try:
+        _run(["evaluate.py", "--cpu", "--quiet", "--resume", str(ckpt), "--tgt_rootpath", str(root), *SIZE,
+              "--num-workers", "0", "--batch_size_val", "2", "--snapshot-dir", str(out),
+              "--save_dir", str(out / "preds")])
+    finally:
+        os.umask(old_umask)
+    written = [out / "results.json", out / "evaluate_args.json", *(out / "preds").rglob("*.png")]
+    assert len(written) == 2 + 4 * 3
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     result = json.loads((out / "results.json").read_text())
     ds = CityscapesDataset(str(root), split="val", img_size=(128, 64))
     inter = union = 0

@@ -9,7 +9,6 @@ import glob
 import os
 import re
 import signal
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from model import CheckpointError
+from utils.files import create_temp_file
 
 # ---------------------------------------------------------------------------- fault injection
 # For the reliability tests only; no effect unless the variable is set. ``KIND:ARG[:N]``:
@@ -73,10 +73,11 @@ def remove_stale_temp_files(folder: str) -> list[str]:
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write ``path`` via ``write(fileobj)`` into a temporary file in the same folder, flush,
     fsync, then rename over ``path``. A crash at any moment leaves either the old file or the
-    new one, never a partial file under the final name."""
+    new one, never a partial file under the final name. The file gets the permissions of an
+    ordinary new file (0666 minus the umask: 0644 under umask 022), not ``mkstemp``'s 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     fault = _file_fault(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=folder)
+    fd, tmp = create_temp_file(folder, temp_prefix(path), ".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             if fault == "enospc":
