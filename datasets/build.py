@@ -35,18 +35,33 @@ def make_augment(args: Any, colour: bool = True) -> JointAugment:
     )
 
 
+def class_balance_draws(args: Any) -> int:
+    """``max_iters`` of the class-balanced list: ``num_steps * total batch``.
+
+    The original divides ``--batch-size`` by the world size before it builds the dataset and
+    then multiplies the per-rank batch by the world size again: ``num_steps * (batch_size //
+    world_size) * world_size`` (93,750 x 8 = 750,000 for phase 1 on 4 GPUs). ``args.world_size``
+    is set by the launcher (``utils.engine.training_worker``).
+    """
+    world = int(args.world_size)
+    return args.num_steps * (args.batch_size // world) * world
+
+
 def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]:
     """The class-balanced GTA5 order (SPEC section 1), cached under ``cache_dir``.
 
-    The cache key covers everything that changes the list: the label-info file's bytes, the
-    number of draws and the seed.
+    Drawn from NumPy's generator seeded with ``--random-seed`` (as the original's
+    ``np.random.seed(args.random_seed)``), :func:`class_balance_draws` draws. The cache key
+    covers everything that changes the list: the label-info file's bytes, the number of draws,
+    the seed and the class count.
     """
     info_path = os.path.join(root, "gtav_label_info.p")
     label_to_file, file_to_label = load_label_info(info_path)
-    max_iters = args.num_steps * args.batch_size * args.world_size
+    max_iters = class_balance_draws(args)
+    seed = int(args.random_seed)
     with open(info_path, "rb") as f:
         digest = hashlib.sha1(f.read()).hexdigest()[:12]
-    key = f"class_balance_{digest}_{max_iters}_{args.random_seed}_{args.num_classes}.json"
+    key = f"class_balance_{digest}_{max_iters}_{seed}_{args.num_classes}.json"
     cache = os.path.join(cache_dir, key) if cache_dir else None
     if cache and os.path.isfile(cache):
         try:
@@ -56,8 +71,7 @@ def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]
                 return names
         except (OSError, ValueError):
             pass
-    names = class_balanced_list(label_to_file, file_to_label, max_iters, seed=1234,
-                                num_classes=args.num_classes)
+    names = class_balanced_list(label_to_file, file_to_label, max_iters, seed=seed, num_classes=args.num_classes)
     if cache:
         from utils.checkpoint import atomic_write
 

@@ -100,3 +100,56 @@ def test_rejects_nonsense() -> None:
         class_balanced_list([[] for _ in range(19)], {}, 10)
     with pytest.raises(ValueError, match="file_to_label"):
         class_balanced_list([["a.png"]] * 19, {}, 10)
+
+
+# ---------------------------------------------------------------------------- the list the scripts build
+def _parsed(stage: str, *argv: str):
+    """Options through the scripts' own parser. ``world_size`` is what the launcher gives every
+    rank (``utils.distributed.init_distributed``: one process per ``--gpus`` entry under
+    ``--dist``); tests/test_phase1_train.py checks it through a real two-process run."""
+    from utils.options import parse_args
+
+    args = parse_args(stage, "", list(argv))
+    args.world_size = len(args.gpus) if args.dist else 1
+    return args
+
+
+@pytest.fixture
+def gta5_root(tmp_path: Path) -> Path:
+    root = tmp_path / "gta5"
+    root.mkdir()
+    (root / "gtav_label_info.p").write_bytes((PARITY / "gtav_label_info.p").read_bytes())
+    return root
+
+
+def test_length_is_num_steps_times_total_batch_under_four_gpus(gta5_root: Path, tmp_path: Path) -> None:
+    from datasets.build import balanced_file_list, class_balance_draws
+
+    four = ("--batch-size", "8", "--dist", "--gpus", "0,1,2,3")
+    # the original: --batch-size 8 over 4 ranks is 2 a rank; max_iters = num_steps * 2 * 4
+    assert class_balance_draws(_parsed("phase1", *four)) == 750_000  # 93,750 x 8
+    assert class_balance_draws(_parsed("phase2", *four)) == 500_000  # 62,500 x 8
+    assert class_balance_draws(_parsed("phase1", "--batch-size", "8")) == 750_000  # one process, same list
+    # drawn: int(8000 / 3000) + 1 = 3 rounds of 3000 (4x too many draws would give 11 rounds)
+    args = _parsed("phase1", *four, "--num-steps", "1000", "--num-steps-stop", "10")
+    names = balanced_file_list(args, str(gta5_root), cache_dir=str(tmp_path))
+    assert len(names) == 9000
+    l2f, f2l = load_label_info(PARITY / "gtav_label_info.p")
+    assert names == _reference(l2f, f2l, 8000, seed=1234)
+    assert [p.name for p in tmp_path.glob("class_balance_*.json")] == [
+        next(p.name for p in tmp_path.glob("class_balance_*_8000_1234_19.json"))]
+
+
+def test_seed_is_random_seed(gta5_root: Path, tmp_path: Path) -> None:
+    from datasets.build import balanced_file_list
+
+    l2f, f2l = load_label_info(PARITY / "gtav_label_info.p")
+    common = ("--batch-size", "2", "--num-steps", "4", "--num-steps-stop", "4")
+    five = balanced_file_list(_parsed("phase1", *common, "--random-seed", "5"), str(gta5_root), str(tmp_path))
+    assert five == _reference(l2f, f2l, 8, seed=5)  # np.random.seed(--random-seed), as the original
+    default = balanced_file_list(_parsed("phase1", *common), str(gta5_root), str(tmp_path))
+    assert default == _reference(l2f, f2l, 8, seed=1234)
+    assert five != default
+    # the cache key holds the seed used: one file per seed, and seed 5 reads back its own list
+    assert sorted(p.name.split("_")[-2] for p in tmp_path.glob("class_balance_*_8_*_19.json")) == ["1234", "5"]
+    assert balanced_file_list(_parsed("phase1", *common, "--random-seed", "5"), str(gta5_root), str(tmp_path)) == five

@@ -117,6 +117,10 @@ def test_two_process_gloo_ddp(synthetic_data, sourceonly_ckpt, tmp_path) -> None
     final = torch.load(snapshot / "GTA5_2.pth", map_location="cpu", weights_only=True)
     assert DecoupleNet(layer=1).load_official(final) == "phase1"
     assert [m["iter"] for m in read_metrics(snapshot)] == [0, 1]  # rank 0 only
+    # The class-balanced list of the original: num_steps * total batch draws (2 x 2 = 4; not x 2
+    # again for the two ranks), seeded with --random-seed; its cache file is keyed on both.
+    cached = [p.name for p in snapshot.glob("class_balance_*.json")]
+    assert len(cached) == 1 and cached[0].endswith("_4_1234_19.json"), cached
 
 
 def test_batch_not_divisible_by_world_size(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
