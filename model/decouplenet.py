@@ -78,7 +78,8 @@ class ASPPHead(nn.Module):
     """Four parallel dilated 3x3 convolutions (6, 12, 18, 24), outputs summed (SPEC section 2).
 
     No BatchNorm and no ReLU, as in the original ``ASPP_Classifier_Gen`` head. Weights are drawn
-    from N(0, 0.01), biases start at zero.
+    from N(0, 0.01); biases keep PyTorch's default initialisation of ``nn.Conv2d``, as the original
+    (it redraws only the weights).
     """
 
     def __init__(self, in_channels: int = 2048, hidden_dim: int = 128, dilations=(6, 12, 18, 24)) -> None:
@@ -88,7 +89,6 @@ class ASPPHead(nn.Module):
         )
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2d_list[0](x)
@@ -111,7 +111,9 @@ class DecoupleNet(nn.Module):
         freeze_bn: use :class:`FrozenBatchNorm2d` everywhere in the ResNet.
 
     Constructing the network loads no weights; see :meth:`load_imagenet` and
-    :meth:`load_official`.
+    :meth:`load_official`. A new network is initialised as the original's: torchvision's ResNet
+    init, head weights N(0, 0.01) with default biases, classifier and aux classifier two
+    independent ``nn.Conv2d`` default initialisations.
     """
 
     def __init__(
@@ -143,9 +145,9 @@ class DecoupleNet(nn.Module):
         self.body = nn.Sequential(*children[split:])
         self.head = ASPPHead(2048, hidden_dim)
         self.classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True)
+        # A fresh 1x1 conv of its own, as the original's; a checkpoint without an aux group copies
+        # the classifier into it (load_official), an ImageNet start keeps this initialisation.
         self.aux_classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True) if aux else None
-        if self.aux_classifier is not None:
-            self.aux_classifier.load_state_dict(self.classifier.state_dict())
 
     # ------------------------------------------------------------------ forward passes
     @property
@@ -188,7 +190,10 @@ class DecoupleNet(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def load_imagenet(self, path: str = IMAGENET_WEIGHTS) -> None:
-        """Copy torchvision's ImageNet ResNet-101 file into every stem and the body."""
+        """Copy torchvision's ImageNet ResNet-101 file into every stem and the body.
+
+        The head, classifier and aux classifier are not touched (the original's start without
+        ``--resume``: fresh initialisation)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{path}: ImageNet ResNet-101 weights not found; put torchvision's "

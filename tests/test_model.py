@@ -150,3 +150,62 @@ def test_imagenet_file_loads_into_stems_and_body(tmp_path):
     assert torch.equal(net.source_stem[0].weight, resnet.conv1.weight)
     assert torch.equal(net.target_stem[4][0].conv1.weight, resnet.layer1[0].conv1.weight)
     assert torch.equal(net.body[2][1].conv2.weight, resnet.layer4[1].conv2.weight)
+
+
+def _original_fresh_modules(num_classes: int = 19, hidden_dim: int = 128) -> dict[str, torch.nn.Module]:
+    """The original's fresh head / classifier / aux classifier, drawn in our construction order.
+
+    The original (model/classifier.py): four ``nn.Conv2d(2048, hidden, 3, padding=d, dilation=d)``
+    built in turn, then ``weight.data.normal_(0, 0.01)`` on each (biases keep the default init);
+    the classifier and the aux classifier are two ``nn.Conv2d(hidden, C, 1)`` left at the default
+    init (train_phase1.py copies the classifier into the aux one only when ``--resume`` is given).
+    """
+    convs = [torch.nn.Conv2d(2048, hidden_dim, 3, padding=d, dilation=d, bias=True) for d in (6, 12, 18, 24)]
+    for m in convs:
+        m.weight.data.normal_(0, 0.01)
+    return {"head": torch.nn.ModuleList(convs), "classifier": torch.nn.Conv2d(hidden_dim, num_classes, 1),
+            "aux_classifier": torch.nn.Conv2d(hidden_dim, num_classes, 1)}
+
+
+def test_fresh_head_and_classifiers_are_initialised_as_the_original():
+    import torchvision
+
+    torch.manual_seed(11)
+    net = DecoupleNet(layer=1)
+    torch.manual_seed(11)  # the same draws: torchvision's ResNet-101 first, then head and classifiers
+    torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+    ref = _original_fresh_modules()
+    for ours, theirs in zip(net.head.conv2d_list, ref["head"]):
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    for name in ("classifier", "aux_classifier"):
+        for key, value in ref[name].state_dict().items():
+            assert torch.equal(getattr(net, name).state_dict()[key], value), f"{name}/{key}"
+    # what that means: default-initialised head biases (not zeros), an aux classifier of its own
+    assert net.head.conv2d_list[0].bias.abs().min() > 0
+    assert not torch.equal(net.aux_classifier.weight, net.classifier.weight)
+
+
+def test_imagenet_start_keeps_the_fresh_head(tmp_path):
+    """``--resume ''``: backbone from the ImageNet file, head and classifiers untouched (fresh)."""
+    import torchvision
+
+    from utils.engine import build_network
+    from utils.options import parse_args
+
+    resnet = torchvision.models.resnet101(weights=None)
+    path = tmp_path / "resnet101-5d3b4d8f.pth"
+    torch.save(resnet.state_dict(), path)
+    args = parse_args("phase1", "", ["--cpu", "--resume", "", "--imagenet", str(path)])
+    torch.manual_seed(5)
+    fresh = DecoupleNet(layer=1)
+    torch.manual_seed(5)
+    net = build_network(args, decoupled=True, aux=True)
+    for stem in (net.source_stem, net.target_stem):
+        assert torch.equal(stem[0].weight, resnet.conv1.weight)
+    assert torch.equal(net.body[-1][-1].conv3.weight, resnet.layer4[-1].conv3.weight)
+    for name in ("head", "classifier", "aux_classifier"):
+        for key, value in getattr(fresh, name).state_dict().items():
+            assert torch.equal(getattr(net, name).state_dict()[key], value), f"{name}/{key}"
+    # a source-only start point (no aux group) copies the classifier into the aux classifier
+    net.load_official(filled_sourceonly_checkpoint(layer=1))
+    assert torch.equal(net.aux_classifier.weight, net.classifier.weight)

@@ -68,8 +68,11 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     """Launch ``worker`` (see :func:`utils.distributed.launch`) turning user errors into one line.
 
     Returns the process exit code: 0, or 2 for a user error (no traceback unless ``--debug``).
+    Files named on the command line that every rank needs (``--resume``) are checked first, before
+    anything is written.
     """
     try:
+        check_start_files(args)
         du.launch(worker, args)
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
@@ -107,6 +110,29 @@ def training_worker(fn: Callable[[du.DistEnv, Any], None]) -> Callable[[int, Any
 
 
 # ---------------------------------------------------------------------------- run set-up
+TRAINING_STAGES = ("phase1", "phase2", "source_only")
+
+
+def require_resume_file(args: Any) -> None:
+    """A non-empty ``--resume`` (given or the script's default) must be a file: one line naming
+    the flag and the path otherwise. An empty ``--resume`` is left to the caller."""
+    path = getattr(args, "resume", "")
+    if path and not os.path.isfile(path):
+        raise RunError(f"--resume {path}: file not found (pass the checkpoint to start from with --resume PATH)")
+
+
+def check_start_files(args: Any) -> None:
+    """Start-up checks before any process is spawned or any file written.
+
+    ``--resume`` is needed unless a training stage continues from a training state
+    (``--resume_from``), which supplies every weight.
+    """
+    if getattr(args, "stage", None) in TRAINING_STAGES and getattr(args, "resume_from", "") and \
+            resolve_resume_from(args) is not None:
+        return
+    require_resume_file(args)
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Per-rank seeds for ``random``, NumPy and torch (data randomness is keyed separately)."""
     s = seed + rank
@@ -152,8 +178,8 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(folder)
-    LOG.info("%s: rank %d/%d on %s, amp=%s", name, env.rank, env.world_size, env.device,
-             getattr(args, "amp", "off"))
+    LOG.info("%s: rank %d/%d on %s, amp=%s (training), inference_amp=%s", name, env.rank, env.world_size,
+             env.device, getattr(args, "amp", "off"), getattr(args, "inference_amp", "off"))
     for path in stale:
         LOG.info("removed stale temporary file %s", path)
     return writer
@@ -234,11 +260,22 @@ def sgd_for(net: DecoupleNet, args: Any, device: torch.device) -> torch.optim.SG
                            weight_decay=args.weight_decay, **kw)
 
 
-def autocast(args: Any, device: torch.device):
-    if args.amp == "off":
+def _autocast(mode: str, device: torch.device):
+    if mode == "off":
         return contextlib.nullcontext()
-    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast(args: Any, device: torch.device):
+    """The training steps' precision (``--amp``)."""
+    return _autocast(args.amp, device)
+
+
+def inference_autocast(args: Any, device: torch.device):
+    """The precision of validation, soft labels and evaluation (``--inference_amp``, default off:
+    float32 without autocast, as the original). ``--amp`` does not reach inference."""
+    return _autocast(getattr(args, "inference_amp", "off"), device)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 250) -> Tensor:
@@ -257,18 +294,23 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
     """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
 
     ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
-    ``--resume`` nor the ImageNet file is read.
+    ``--resume`` nor the ImageNet file is read. A ``--resume`` file that does not exist is a
+    :class:`RunError` naming the flag. With ``--resume ''`` the stems and body come from the
+    ImageNet file and the ASPP head, classifier and aux classifier keep their fresh
+    initialisation (the original without ``--resume``).
     """
     net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
                       decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn)
     if skip_weights:
         LOG.info("weights come from the training state (--resume_from)")
     elif args.resume:
+        require_resume_file(args)
         layout = net.load_official(safe_load(args.resume), origin=args.resume)
         LOG.info("weights from %s (%s layout)", args.resume, layout)
     else:
         net.load_imagenet(args.imagenet)
-        LOG.info("backbone from ImageNet weights %s", args.imagenet)
+        LOG.info("--resume is empty: backbone from ImageNet weights %s; ASPP head and classifier(s) "
+                 "freshly initialised", args.imagenet)
     return net
 
 
@@ -316,6 +358,9 @@ def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, d
              on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
     """Target-branch mIoU over ``loader`` (SPEC section 3), each image counted once.
 
+    In float32 (no autocast), as the original validates, unless ``--inference_amp`` asks for
+    half precision; the training flag ``--amp`` does not apply here.
+
     The loader's sampler must shard without padding (``datasets.sampler.ShardSampler``);
     intersections and unions are summed over ranks. Returns ``(iou_per_class, miou, sample)``
     where ``sample`` holds the first image, label and prediction of rank 0 for visualisation.
@@ -333,7 +378,7 @@ def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, d
             x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
             for flipped in (False, True) if flip else (False,):
                 xi = torch.flip(x, dims=(3,)) if flipped else x
-                with autocast(args, env.device):
+                with inference_autocast(args, env.device):
                     logits = net(xi)
                 logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
                                        align_corners=True)

@@ -73,7 +73,13 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars (for log files)")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     g.add_argument("--amp", choices=["fp16", "bf16", "off"], default=None,
-                   help="mixed precision; default fp16 on CUDA (the original), off on the CPU")
+                   help="mixed precision of the training steps only; default fp16 on CUDA (the original), "
+                        "off on the CPU. Validation, soft labels and evaluate.py ignore it (see --inference_amp)")
+    g.add_argument("--inference_amp", choices=["off", "fp16", "bf16"], default="off",
+                   help="half-precision autocast for validation, generate_soft_label.py and evaluate.py. "
+                        "off = float32, as the original. fp16/bf16 are faster but change the logits, "
+                        "hence the soft labels, the thresholds made from them, the validation mIoU and "
+                        "which checkpoint is kept as the best")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the stems, body and head (in place; checkpoints unchanged)")
@@ -100,9 +106,12 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--layer", type=int, default=1, choices=[0, 1, 2], help="stem ends after this layer")
     g.add_argument("--hidden_dim", type=int, default=128)
     g.add_argument("--freeze_bn", action="store_true")
-    g.add_argument("--resume", default=d["resume"], help="official-format weights to start from")
+    g.add_argument("--resume", default=d["resume"],
+                   help="official-format weights to start from; a missing file is an error. Training "
+                        "with --resume '' starts from the ImageNet file (--imagenet) with a freshly "
+                        "initialised ASPP head and classifiers, as the original without --resume")
     g.add_argument("--imagenet", default=os.path.join("pretrained", "resnet101-5d3b4d8f.pth"),
-                   help="torchvision ResNet-101 file, used only when --resume supplies no weights")
+                   help="torchvision ResNet-101 file, used only when --resume is empty")
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning-rate", dest="learning_rate", type=float, default=d["learning_rate"])
     g.add_argument("--learning-rate-D", dest="learning_rate_D", type=float, default=1e-4)
@@ -200,6 +209,8 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         args.amp = "fp16" if torch.cuda.is_available() and not args.cpu else "off"
     if args.amp != "off" and (args.cpu or not torch.cuda.is_available()) and args.amp == "fp16":
         raise OptionError("--amp fp16: needs CUDA; use --amp bf16 or off on the CPU")
+    if args.inference_amp == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        raise OptionError("--inference_amp fp16: needs CUDA; use --inference_amp bf16 or off on the CPU")
     return args
 
 

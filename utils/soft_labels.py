@@ -12,12 +12,23 @@ import torch
 from datasets.cityscapes import soft_label_name
 from utils import distributed as du
 from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
-from utils.engine import LOG, RunError, autocast, build_network, per_rank, progress, to_device_image, workers_per_rank
+from utils.engine import (
+    LOG,
+    RunError,
+    build_network,
+    inference_autocast,
+    per_rank,
+    progress,
+    to_device_image,
+    workers_per_rank,
+)
 
 
 def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     """Write ``<output_folder>/<basename>.npy`` = float32 logits ``[C, H/8, W/8]`` before softmax.
 
+    The network runs in float32 without autocast, as the original (``--amp`` is for training
+    only); ``--inference_amp fp16|bf16`` opts into half precision, which changes the logits.
     Every image is written exactly once over all ranks (no padded sampler); each file is written
     atomically, so an interrupted run never leaves a partial file under a final name and
     ``--skip_existing`` can continue it. Returns the number of files written by this rank.
@@ -52,7 +63,7 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
         with torch.no_grad():
             for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):
                 x = to_device_image(batch["img"], env.device)
-                with autocast(args, env.device):
+                with inference_autocast(args, env.device):
                     logits = net(x)
                 logits = logits.float().cpu().numpy()
                 for path, arr in zip(batch["path"], logits):

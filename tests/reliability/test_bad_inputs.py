@@ -33,11 +33,11 @@ from PIL import Image
 from datasets.build import balanced_file_list
 from datasets.sampler import StreamSampler
 from model import DecoupleNet
-from tests.conftest import IMG_H, IMG_W, target_train_basenames
+from tests.conftest import IMG_H, IMG_W, target_train_basenames, tiny_args
 from tests.helpers import REPO
 from tests.reliability.conftest import copy_data, phase1_argv, phase2_argv
 from tests.reliability.runner import BASE_ENV, Result, digest, one_error_line, temp_files
-from utils.options import parse_args
+from utils.options import DEFAULTS, parse_args
 
 P1_STEPS = ["--batch-size", "1", "--num-steps", "2", "--num-steps-stop", "1"]
 
@@ -205,6 +205,20 @@ def _thresholds(values: np.ndarray) -> Callable[[Ctx], tuple[list, dict]]:
     return prepare
 
 
+def _missing_resume(script: str) -> Callable[[Ctx], tuple[list, dict]]:
+    """``--resume`` names a file that does not exist (a typo): one line, before anything is written."""
+    def prepare(c: Ctx) -> tuple[list, dict]:
+        missing = c.folder / "GTA5_typo.pth"
+        if script == "phase1":
+            return c.phase1("--resume", missing), {}
+        if script == "phase2":
+            return c.phase2("--resume", missing), {}
+        out = ["--output_folder", c.folder / "soft_out"] if script == "generate_soft_label.py" else []
+        return [script, "--cpu", "--quiet", "--tgt_rootpath", c.data["cityscapes"], "--tgt_img_size",
+                f"{IMG_W},{IMG_H}", "--resume", missing, "--snapshot-dir", c.snap, "--num-workers", "0", *out], {}
+    return prepare
+
+
 def _second_soft(c: Ctx) -> str:
     return str(c.folder / "soft" / f"{target_train_basenames(c.data)[1]}.npy")
 
@@ -238,6 +252,14 @@ CASES: dict[str, Case] = {
     "checkpoint_wrong_shapes": Case(lambda c: (c.phase1("--num-classes", "16"), {}),
                                     lambda c: [str(c.ckpt), "shape mismatch", "classifier"]),
     "checkpoint_wrong_layer": Case(_layer2, lambda c: [str(c.folder / "phase1_layer1.pth"), "model_B2/"]),
+    "resume_missing_phase1": Case(_missing_resume("phase1"),
+                                  lambda c: ["--resume", str(c.folder / "GTA5_typo.pth"), "file not found"]),
+    "resume_missing_phase2": Case(_missing_resume("phase2"),
+                                  lambda c: ["--resume", str(c.folder / "GTA5_typo.pth"), "file not found"]),
+    "resume_missing_soft_labels": Case(_missing_resume("generate_soft_label.py"),
+                                       lambda c: ["--resume", str(c.folder / "GTA5_typo.pth"), "file not found"]),
+    "resume_missing_evaluate": Case(_missing_resume("evaluate.py"),
+                                    lambda c: ["--resume", str(c.folder / "GTA5_typo.pth"), "file not found"]),
     "not_a_checkpoint": Case(_not_checkpoint, lambda c: [str(c.folder / "notes.pth"), "not a loadable checkpoint"]),
     "batch_not_divisible_by_world_size": Case(
         lambda c: (c.phase1("--dist", "--gpus", "0,1", "--batch-size", "3"), {}),
@@ -340,3 +362,27 @@ def test_val_label_ids_above_33_are_ignored(outcomes) -> None:
     result, c, _ = outcomes["val_label_ids_above_33"]
     assert result.returncode == 0, result.describe()
     assert (c.snap / "results.json").is_file() or "mIoU" in result.stdout, result.describe()
+
+
+# ---------------------------------------------------------------------------- the default start point
+START_SCRIPTS = {"phase1": "train_phase1.py", "phase2": "train_phase2.py", "soft_label": "generate_soft_label.py"}
+
+
+@pytest.mark.parametrize("stage", [s for s in START_SCRIPTS if DEFAULTS[s]["resume"]])
+def test_missing_default_resume_is_one_line(stage, scripts, synthetic_data, tmp_path) -> None:
+    """Without ``--resume`` a script starts from its default file (``./pretrained/...``, relative to
+    the working directory, as the original); a missing one is one line naming the flag and the
+    file, before anything is written (never a silent start from ImageNet weights)."""
+    argv = [os.path.join(REPO, START_SCRIPTS[stage]), *tiny_args(synthetic_data), "--snapshot-dir", tmp_path / "snap",
+            "--num-workers", "0", "--output_folder", tmp_path / "soft"]
+    result = scripts.run(argv, cwd=tmp_path, expect=None)
+    one_error_line(result, "--resume", DEFAULTS[stage]["resume"], "file not found")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_explicitly_empty_resume_starts_from_imagenet(scripts, synthetic_data, sourceonly_ckpt, fake_soft,
+                                                      tmp_path) -> None:
+    """``--resume ''`` keeps the original's start without ``--resume``: the ImageNet file."""
+    argv = phase2_argv(synthetic_data, *fake_soft, "", tmp_path / "snap", *P1_STEPS)
+    result = scripts.run([os.path.join(REPO, argv[0]), *argv[1:]], cwd=tmp_path, expect=None)
+    one_error_line(result, os.path.join("pretrained", "resnet101-5d3b4d8f.pth"), "ImageNet")
