@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError
 from .labels import encode_labels
-from .transforms import JointAugment, to_chw_tensor
+from .transforms import JointAugment, resize_image, resize_label, to_chw_tensor
 
 Key = int | tuple[int, int] | Sequence[int]
 
@@ -59,14 +58,25 @@ def sample_rngs(seed: int, domain: str, epoch: int, index: int
     return rng, gen
 
 
+def open_rgb(path: str) -> Image.Image:
+    """Decode an image file with PIL as an RGB image; DatasetError naming the file if it fails.
+
+    PIL decodes as the original does (``Image.open``); an image stored in another mode
+    (grey, palette, RGBA) is converted to RGB.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im if im.mode == "RGB" else im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise DatasetError(f"{path}: cannot read image (corrupt or not an image)") from None
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as uint8 RGB HxWx3; DatasetError naming the file if it fails."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        if not os.path.isfile(path):
-            raise DatasetError(f"{path}: image file not found")
-        raise DatasetError(f"{path}: cannot read image (corrupt or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return np.array(open_rgb(path))
 
 
 def read_label_ids(path: str) -> np.ndarray:
@@ -107,28 +117,28 @@ def check_pair_sizes(img_path: str, img_hw: tuple[int, int], lbl_path: str,
         )
 
 
-def resize_pair(img: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int]
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize image (bilinear) and label (nearest) to ``size_wh``; no-op when equal."""
-    w, h = size_wh
-    if img.shape[:2] != (h, w):
-        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    if label is not None and label.shape[:2] != (h, w):
-        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+def resize_pair(img: Image.Image, label: np.ndarray | None, size_wh: tuple[int, int]
+                ) -> tuple[Image.Image, np.ndarray | None]:
+    """Resize image and label to ``size_wh`` as the original: PIL bilinear for the image,
+    PIL nearest for the label; each is left as it is when it already has that size."""
+    img = resize_image(img, size_wh)
+    if label is not None:
+        label = resize_label(label, size_wh)
     return img, label
 
 
 def augment_or_whole(
     augment: JointAugment | None,
-    img: np.ndarray,
+    img: Image.Image | np.ndarray,
     label: np.ndarray | None,
     rng: random.Random,
     gen: torch.Generator,
 ) -> dict[str, Any]:
     """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields."""
     if augment is None:
-        h, w = img.shape[:2]
-        out_img = to_chw_tensor(img)
+        arr = np.asarray(img)
+        h, w = arr.shape[:2]
+        out_img = to_chw_tensor(arr)
         out_lbl = None if label is None else torch.from_numpy(np.ascontiguousarray(label))
         params = {"resized_hw": (h, w), "crop_box": (0, h, 0, w), "flip": False}
     else:
@@ -243,19 +253,19 @@ class GTA5Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """Image (RGB uint8) and train ids (uint8), both resized to ``img_size``."""
+    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
+        """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``."""
         name = self.files[index]
         img_path = os.path.join(self.image_dir, name)
         lbl_path = os.path.join(self.label_dir, name)
-        img = read_image(img_path)
+        img = open_rgb(img_path)
         ids = read_label_ids(lbl_path)
-        check_pair_sizes(img_path, img.shape[:2], lbl_path, ids.shape[:2])
+        check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
         label = encode_labels(ids, self.num_classes)
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
-    def _load_with_skip(self, index: int) -> tuple[np.ndarray, np.ndarray, str, int]:
+    def _load_with_skip(self, index: int) -> tuple[Image.Image, np.ndarray, str, int]:
         """``load_pair``, or with ``skip_bad_images`` the next readable index."""
         if not self.skip_bad_images:
             return (*self.load_pair(index), index)

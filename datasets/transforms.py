@@ -11,9 +11,10 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import functional as tvf
 
 
 def _jitter_range(value: float, name: str, hue: bool = False) -> tuple[float, float] | None:
@@ -28,35 +29,34 @@ def _jitter_range(value: float, name: str, hue: bool = False) -> tuple[float, fl
     return None if value == 0 else (max(0.0, 1.0 - value), 1.0 + value)
 
 
-def _blend_u8(img: np.ndarray, other: np.ndarray | float, ratio: float) -> np.ndarray:
-    """torchvision's uint8 ``_blend``: ``ratio * img + (1 - ratio) * other``, clamped,
-    truncated to uint8 (computed in float32 as torch does)."""
-    out = img.astype(np.float32) * np.float32(ratio)
-    if not (isinstance(other, float) and other == 0.0):
-        out += np.float32(1.0 - ratio) * np.asarray(other, dtype=np.float32)
-    np.clip(out, 0.0, 255.0, out=out)
-    return out.astype(np.uint8)
+def pil_rgb(img: np.ndarray | Image.Image) -> Image.Image:
+    """A uint8 HxWx3 array (or an RGB PIL image) as an RGB PIL image, as ``ToPILImage`` gives."""
+    if isinstance(img, Image.Image):
+        if img.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got PIL mode {img.mode}")
+        return img
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
+    return Image.fromarray(img)
 
 
-def _grey_u8(img: np.ndarray) -> np.ndarray:
-    """torchvision ``rgb_to_grayscale`` of a uint8 HWC image, as uint8 [H, W, 1]."""
-    f = img.astype(np.float32)
-    grey = np.float32(0.2989) * f[..., 0] + np.float32(0.587) * f[..., 1]
-    grey += np.float32(0.114) * f[..., 2]
-    return grey.astype(np.uint8)[..., None]
+def resize_image(img: Image.Image, size_wh: Sequence[int]) -> Image.Image:
+    """PIL ``img.resize(size, Image.BILINEAR)``, as the original resizes every image.
+
+    PIL's bilinear filter widens with the scale when it shrinks (it antialiases), unlike
+    OpenCV's ``INTER_LINEAR``. A resize to the image's own size is a copy in PIL, so it is
+    skipped here (same pixels).
+    """
+    size = (int(size_wh[0]), int(size_wh[1]))
+    return img if img.size == size else img.resize(size, Image.BILINEAR)
 
 
-def _hue_u8(img: np.ndarray, factor: float) -> np.ndarray:
-    """Hue rotation of a uint8 HWC RGB image by ``factor`` turns (OpenCV float HSV)."""
-    f = img.astype(np.float32) / np.float32(255.0)
-    hsv = cv2.cvtColor(f, cv2.COLOR_RGB2HSV)  # H in degrees [0, 360)
-    hue = hsv[..., 0] / np.float32(360.0) + np.float32(factor)
-    hsv[..., 0] = np.mod(hue, np.float32(1.0)) * np.float32(360.0)
-    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    # torchvision's float -> uint8 conversion: multiply by 256 - 1e-3 and truncate.
-    rgb *= np.float32(255.999)
-    np.clip(rgb, 0.0, 255.0, out=rgb)
-    return rgb.astype(np.uint8)
+def resize_label(label: np.ndarray, size_wh: Sequence[int]) -> np.ndarray:
+    """PIL ``Image.resize(size, Image.NEAREST)`` of an HxW label array (skipped if same size)."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    if label.shape[:2] == (h, w):
+        return label
+    return np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))
 
 
 def to_chw_tensor(img_hwc: np.ndarray) -> torch.Tensor:
@@ -71,9 +71,15 @@ class JointAugment:
     crop ``(W, H)`` (``--rcrop``), ``clrjit`` the ColorJitter ``(brightness, contrast,
     saturation, hue)`` (``--clrjit_params``). ``enabled=False`` (``--noaug``) keeps the
     whole image: no resize, crop or flip (colour jitter still follows ``clrjit``).
-    Colour jitter runs on NumPy / OpenCV by default (:meth:`color_jitter_hwc`, about
-    20x faster); ``exact_jitter=True`` uses torchvision's tensor functions instead
-    (:meth:`color_jitter`). Both draw the same factors from the torch generator.
+
+    Pixels are the original's: PIL's bilinear resize (label: PIL's nearest), PIL crop and
+    flip, then torchvision's ``ColorJitter`` on the PIL crop (PIL ``ImageEnhance`` and
+    PIL's HSV hue). By default only the crop's region is resized: PIL resamples the source
+    box that maps onto the crop straight to the crop size, with the same filter as the
+    whole-image resize; the sample positions differ from it by floating-point rounding
+    only, which moves under 1% of the pixels by one grey level (docs/BENCHMARKS.md) and
+    takes 5-10 ms instead of 20-110 ms. ``full_resize=True`` resizes the whole image and
+    then crops, as the original does, bit for bit.
     """
 
     def __init__(
@@ -83,7 +89,7 @@ class JointAugment:
         hflip: float | bool = 0.5,
         clrjit: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
         enabled: bool = True,
-        exact_jitter: bool = False,
+        full_resize: bool = False,
     ) -> None:
         if len(crop_wh) != 2 or min(int(v) for v in crop_wh) <= 0:
             raise ValueError(f"crop_wh must be two positive ints (W, H), got {crop_wh}")
@@ -97,7 +103,7 @@ class JointAugment:
         self.hflip = (0.5 if hflip else 0.0) if isinstance(hflip, bool) else float(hflip)
         self.clrjit = tuple(float(v) for v in clrjit)
         self.enabled = bool(enabled)
-        self.exact_jitter = bool(exact_jitter)
+        self.full_resize = bool(full_resize)
         names = ("brightness", "contrast", "saturation", "hue")
         self._ranges = tuple(
             _jitter_range(v, n, hue=(n == "hue")) for v, n in zip(self.clrjit, names)
@@ -106,8 +112,7 @@ class JointAugment:
     def __repr__(self) -> str:
         return (
             f"JointAugment(resize={self.resize}, crop_wh={self.crop_wh}, hflip={self.hflip}, "
-            f"clrjit={self.clrjit}, enabled={self.enabled}, "
-            f"exact_jitter={self.exact_jitter})"
+            f"clrjit={self.clrjit}, enabled={self.enabled}, full_resize={self.full_resize})"
         )
 
     @property
@@ -147,79 +152,47 @@ class JointAugment:
                 factors.append(float(t))
         return order, factors
 
-    def color_jitter_hwc(self, img: np.ndarray, gen: torch.Generator) -> np.ndarray:
-        """Colour jitter of a uint8 HWC image with NumPy / OpenCV (the fast path).
+    def color_jitter(self, img: np.ndarray | Image.Image, gen: torch.Generator) -> Image.Image:
+        """torchvision ``ColorJitter`` on a PIL image (as ``ToPILImage()`` then ``ColorJitter``).
 
-        Same draws and same operations as torchvision's ``ColorJitter`` on uint8
-        tensors (brightness, contrast and saturation are the same float32 blends,
-        truncated to uint8 after each step; hue goes through OpenCV's float HSV), about
-        30 times faster on the CPU; pixels may differ from torchvision's by a grey level
-        or two where rounding falls differently.
+        Same draws as ``ColorJitter.get_params`` but from ``gen``, and the same operations
+        in the drawn order: torchvision's functional brightness, contrast, saturation and
+        hue on the PIL image. Returns the image itself when the jitter is off (no draw).
         """
+        img = pil_rgb(img)
         if not self.jitter_enabled:
             return img
-        order, factors = self.jitter_params(gen)
-        out = np.ascontiguousarray(img)
-        for i in order:
-            f = factors[i]
-            if f is None:
-                continue
-            if i == 0:
-                out = _blend_u8(out, 0.0, f)
-            elif i == 1:
-                mean = float(_grey_u8(out).astype(np.float32).mean(dtype=np.float32))
-                out = _blend_u8(out, mean, f)
-            elif i == 2:
-                out = _blend_u8(out, _grey_u8(out), f)
-            else:
-                out = _hue_u8(out, f)
-        return out
-
-    def color_jitter(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """torchvision ``ColorJitter`` on a uint8 [3, h, w] tensor, drawing from ``gen``.
-
-        Same draws as ``ColorJitter.get_params``: a random permutation of the four
-        operations, then one uniform factor for each enabled one in the order
-        brightness, contrast, saturation, hue; the operations run in permuted order.
-        Uses ``torchvision.transforms.functional`` (as ``ColorJitter`` does): its tensor
-        saturation rounds differently from the v2 kernels by up to one grey level.
-        """
-        if not self.jitter_enabled:
-            return img
-        from torchvision.transforms import functional as tvf
-
         order, factors = self.jitter_params(gen)
         ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation,
                tvf.adjust_hue)
         for i in order:
             if factors[i] is not None:
                 img = ops[i](img, factors[i])
-        return img.contiguous()
+        return img
 
     def __call__(
         self,
-        img: np.ndarray,
+        img: np.ndarray | Image.Image,
         label: np.ndarray | None,
         rng: random.Random,
         torch_gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Augment a uint8 HWC image (and its uint8 HW label, if any).
+        """Augment a uint8 HWC image (or an RGB PIL image) and its uint8 HW label, if any.
 
         Returns ``(img uint8 [3, h, w], label uint8 [h, w] or None, params)`` with
         ``params = {"resized_hw": (h, w), "crop_box": (ys, ye, xs, xe), "flip": bool}``.
-        Draws from ``rng`` in SPEC order: uniform (resize), randint x, randint y,
-        random (flip, only when ``hflip``).
+        Draws from ``rng`` in the original's order: uniform (resize), randint x, randint y,
+        random (flip, only when ``hflip``); then the colour jitter from ``torch_gen``.
         """
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
-        height, width = img.shape[:2]
+        pil = pil_rgb(img)
+        width, height = pil.size
         if label is not None and label.shape[:2] != (height, width):
-            raise ValueError(f"label shape {label.shape} does not match image {img.shape}")
+            raise ValueError(f"label shape {label.shape} does not match image {height}x{width}")
         if not self.enabled:
             h, w = height, width
             ys, ye, xs, xe = 0, height, 0, width
             flip = False
-            crop_img, crop_lbl = img, label
+            crop, crop_lbl = pil, label
         else:
             tw, th = self.crop_wh
             h, w = self.sample_size(rng, height, width)
@@ -227,20 +200,19 @@ class JointAugment:
             y1 = rng.randint(0, h - th)
             ys, ye, xs, xe = y1, y1 + th, x1, x1 + tw
             flip = rng.random() < self.hflip
-            if (h, w) != (height, width):
-                img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-                if label is not None:
-                    # INTER_NEAREST_EXACT picks the same pixels as PIL's NEAREST.
-                    label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
-            crop_img = img[ys:ye, xs:xe]
-            crop_lbl = None if label is None else label[ys:ye, xs:xe]
+            if (h, w) == (height, width):
+                crop = pil.crop((xs, ys, xe, ye))
+            elif self.full_resize:
+                crop = pil.resize((w, h), Image.BILINEAR).crop((xs, ys, xe, ye))
+            else:
+                sx, sy = width / w, height / h
+                crop = pil.resize((tw, th), Image.BILINEAR,
+                                  box=(xs * sx, ys * sy, xe * sx, ye * sy))
+            crop_lbl = None if label is None else resize_label(label, (w, h))[ys:ye, xs:xe]
             if flip:
-                crop_img = crop_img[:, ::-1]
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
                 crop_lbl = None if crop_lbl is None else crop_lbl[:, ::-1]
-        if self.exact_jitter:
-            out_img = self.color_jitter(to_chw_tensor(crop_img), torch_gen)
-        else:
-            out_img = to_chw_tensor(self.color_jitter_hwc(crop_img, torch_gen))
+        out_img = to_chw_tensor(np.asarray(self.color_jitter(crop, torch_gen)))
         out_lbl = None if crop_lbl is None else torch.from_numpy(np.ascontiguousarray(crop_lbl))
         params = {
             "resized_hw": (int(h), int(w)),
