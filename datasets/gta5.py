@@ -139,7 +139,7 @@ def augment_or_whole(
         arr = np.asarray(img)
         h, w = arr.shape[:2]
         out_img = to_chw_tensor(arr)
-        out_lbl = None if label is None else torch.from_numpy(np.ascontiguousarray(label))
+        out_lbl = None if label is None else torch.from_numpy(np.array(label))
         params = {"resized_hw": (h, w), "crop_box": (0, h, 0, w), "flip": False}
     else:
         out_img, out_lbl, params = augment(img, label, rng, gen)
@@ -253,26 +253,31 @@ class GTA5Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
-        """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``."""
+    def load_pair(self, index: int, encode: bool = True) -> tuple[Image.Image, np.ndarray, str]:
+        """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``.
+
+        ``encode=False`` keeps the file's label ids (encoding is a per-pixel map, so it
+        gives the same train ids after the nearest resizes, crop and flip, on fewer pixels).
+        """
         name = self.files[index]
         img_path = os.path.join(self.image_dir, name)
         lbl_path = os.path.join(self.label_dir, name)
         img = open_rgb(img_path)
         ids = read_label_ids(lbl_path)
         check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
-        label = encode_labels(ids, self.num_classes)
+        label = encode_labels(ids, self.num_classes) if encode else ids
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
     def _load_with_skip(self, index: int) -> tuple[Image.Image, np.ndarray, str, int]:
-        """``load_pair``, or with ``skip_bad_images`` the next readable index."""
+        """``load_pair`` (label ids not encoded), or with ``skip_bad_images`` the next
+        readable index."""
         if not self.skip_bad_images:
-            return (*self.load_pair(index), index)
+            return (*self.load_pair(index, encode=False), index)
         for step in range(len(self.files)):
             i = (index + step) % len(self.files)
             try:
-                return (*self.load_pair(i), i)
+                return (*self.load_pair(i, encode=False), i)
             except DatasetError as e:
                 name = self.files[i]
                 if name not in self._warned:
@@ -283,8 +288,9 @@ class GTA5Dataset(Dataset):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         epoch, index = parse_key(key, len(self))
         rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
-        img, label, path, used = self._load_with_skip(index)
-        sample = augment_or_whole(self.augment, img, label, rng, gen)
+        img, ids, path, used = self._load_with_skip(index)
+        sample = augment_or_whole(self.augment, img, ids, rng, gen)
+        sample["label"] = torch.from_numpy(encode_labels(sample["label"].numpy(), self.num_classes))
         sample["path"] = path
         sample["index"] = used
         return sample

@@ -59,6 +59,40 @@ def resize_label(label: np.ndarray, size_wh: Sequence[int]) -> np.ndarray:
     return np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))
 
 
+def resize_crop(img: Image.Image, size_wh: Sequence[int], box: Sequence[int]) -> Image.Image:
+    """``img.resize(size_wh, Image.BILINEAR).crop(box)``, bit for bit, computing only what
+    the crop needs.
+
+    PIL resizes in two passes, horizontal then vertical (except in the case noted below),
+    through a uint8 image; each output pixel's filter depends only on the input and output
+    sizes. The horizontal pass runs
+    on the source rows the crop's rows read (rows are independent), and only the crop's
+    columns are kept; these rows are placed at their own height in an image of the source's
+    height, whose vertical resize to the full output height gives the crop's rows exactly
+    (the rows left black are outside every filter window the crop uses). A resize box
+    (``resize(..., box=)``) would be cheaper still, but PIL passes its corners as 32-bit
+    floats, which shifts the filter positions and changes some pixels.
+    """
+    w, h = int(size_wh[0]), int(size_wh[1])
+    x0, y0, x1, y1 = (int(v) for v in box)
+    width, height = img.size
+    if (w, h) == (width, height):
+        return img.crop((x0, y0, x1, y1))
+    if h < height and height - h > width - w:
+        # The height shrinks by more pixels than the width: Pillow 13 runs the vertical pass
+        # first when it is more than twice as many (older Pillow never does). Leave these to
+        # Pillow; with the aspect ratio kept, a landscape image gets here only by rounding.
+        return img.resize((w, h), Image.BILINEAR).crop((x0, y0, x1, y1))
+    scale = height / h
+    support = max(1.0, scale)  # the bilinear filter's reach in source rows
+    r0 = max(0, math.floor(y0 * scale - support) - 2)
+    r1 = min(height, math.ceil(y1 * scale + support) + 2)
+    rows = img.crop((0, r0, width, r1)).resize((w, r1 - r0), Image.BILINEAR)
+    tall = Image.new(img.mode, (x1 - x0, height))
+    tall.paste(rows.crop((x0, 0, x1, r1 - r0)), (0, r0))
+    return tall.resize((x1 - x0, h), Image.BILINEAR).crop((0, y0, x1 - x0, y1))
+
+
 def to_chw_tensor(img_hwc: np.ndarray) -> torch.Tensor:
     """uint8 HWC numpy image -> contiguous uint8 CHW tensor."""
     return torch.from_numpy(np.ascontiguousarray(img_hwc.transpose(2, 0, 1)))
@@ -72,14 +106,10 @@ class JointAugment:
     saturation, hue)`` (``--clrjit_params``). ``enabled=False`` (``--noaug``) keeps the
     whole image: no resize, crop or flip (colour jitter still follows ``clrjit``).
 
-    Pixels are the original's: PIL's bilinear resize (label: PIL's nearest), PIL crop and
-    flip, then torchvision's ``ColorJitter`` on the PIL crop (PIL ``ImageEnhance`` and
-    PIL's HSV hue). By default only the crop's region is resized: PIL resamples the source
-    box that maps onto the crop straight to the crop size, with the same filter as the
-    whole-image resize; the sample positions differ from it by floating-point rounding
-    only, which moves under 1% of the pixels by one grey level (docs/BENCHMARKS.md) and
-    takes 5-10 ms instead of 20-110 ms. ``full_resize=True`` resizes the whole image and
-    then crops, as the original does, bit for bit.
+    Pixels are the original's, bit for bit: PIL's bilinear resize of the whole image then
+    the crop (label: PIL's nearest), PIL's flip, then torchvision's ``ColorJitter`` on the
+    PIL crop (PIL ``ImageEnhance`` and PIL's HSV hue). Only the rows and columns the crop
+    needs are computed (:func:`resize_crop`).
     """
 
     def __init__(
@@ -89,7 +119,6 @@ class JointAugment:
         hflip: float | bool = 0.5,
         clrjit: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
         enabled: bool = True,
-        full_resize: bool = False,
     ) -> None:
         if len(crop_wh) != 2 or min(int(v) for v in crop_wh) <= 0:
             raise ValueError(f"crop_wh must be two positive ints (W, H), got {crop_wh}")
@@ -103,7 +132,6 @@ class JointAugment:
         self.hflip = (0.5 if hflip else 0.0) if isinstance(hflip, bool) else float(hflip)
         self.clrjit = tuple(float(v) for v in clrjit)
         self.enabled = bool(enabled)
-        self.full_resize = bool(full_resize)
         names = ("brightness", "contrast", "saturation", "hue")
         self._ranges = tuple(
             _jitter_range(v, n, hue=(n == "hue")) for v, n in zip(self.clrjit, names)
@@ -112,7 +140,7 @@ class JointAugment:
     def __repr__(self) -> str:
         return (
             f"JointAugment(resize={self.resize}, crop_wh={self.crop_wh}, hflip={self.hflip}, "
-            f"clrjit={self.clrjit}, enabled={self.enabled}, full_resize={self.full_resize})"
+            f"clrjit={self.clrjit}, enabled={self.enabled})"
         )
 
     @property
@@ -200,14 +228,7 @@ class JointAugment:
             y1 = rng.randint(0, h - th)
             ys, ye, xs, xe = y1, y1 + th, x1, x1 + tw
             flip = rng.random() < self.hflip
-            if (h, w) == (height, width):
-                crop = pil.crop((xs, ys, xe, ye))
-            elif self.full_resize:
-                crop = pil.resize((w, h), Image.BILINEAR).crop((xs, ys, xe, ye))
-            else:
-                sx, sy = width / w, height / h
-                crop = pil.resize((tw, th), Image.BILINEAR,
-                                  box=(xs * sx, ys * sy, xe * sx, ye * sy))
+            crop = resize_crop(pil, (w, h), (xs, ys, xe, ye))
             crop_lbl = None if label is None else resize_label(label, (w, h))[ys:ye, xs:xe]
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
