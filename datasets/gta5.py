@@ -58,20 +58,63 @@ def sample_rngs(seed: int, domain: str, epoch: int, index: int
     return rng, gen
 
 
-def open_rgb(path: str) -> Image.Image:
+def _load_top(im: Image.Image, rows: int | None) -> None:
+    """Decode ``im`` (just opened); with ``rows``, only its top ``rows`` rows where the file
+    allows it (a non-interlaced PNG): PNG stores rows in order, so the rows decoded are the
+    same as in a whole decode, and the rest of the file is never read."""
+    width, height = im.size
+    if rows is not None and 0 < rows < height and im.format == "PNG" and not im.info.get("interlace") \
+            and len(im.tile) == 1 and im.tile[0][0] == "zip" and tuple(im.tile[0][1]) == (0, 0, width, height):
+        tile = im.tile[0]
+        extents = (0, 0, width, rows)
+        try:
+            im.tile = [tile._replace(extents=extents) if hasattr(tile, "_replace")
+                       else (tile[0], extents, *tile[2:])]
+            im._size = (width, rows)
+            im.load_end = lambda: None  # the chunks after the image data are not needed
+            im.load()
+            if im.size == (width, rows):
+                return
+        except (OSError, ValueError, SyntaxError, AttributeError, TypeError):
+            pass
+        raise _WholeDecode
+    im.load()
+
+
+class _WholeDecode(Exception):
+    """The top-rows decode was not possible: decode the whole file."""
+
+
+def open_rgb(path: str, rows: int | None = None) -> Image.Image:
     """Decode an image file with PIL as an RGB image; DatasetError naming the file if it fails.
 
     PIL decodes as the original does (``Image.open``); an image stored in another mode
-    (grey, palette, RGBA) is converted to RGB.
+    (grey, palette, RGBA) is converted to RGB. ``rows``: only the top rows are needed (the
+    image returned may hold only those).
     """
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: image file not found")
+    for top in (rows, None):
+        try:
+            with Image.open(path) as im:
+                _load_top(im, top)
+                return im if im.mode == "RGB" else im.convert("RGB")
+        except _WholeDecode:
+            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            break
+    raise DatasetError(f"{path}: cannot read image (corrupt or not an image)") from None
+
+
+def image_size(path: str, what: str = "image") -> tuple[int, int]:
+    """``(width, height)`` from an image file's header; DatasetError naming the file if it fails."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: {what} file not found")
     try:
         with Image.open(path) as im:
-            im.load()
-            return im if im.mode == "RGB" else im.convert("RGB")
+            return im.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise DatasetError(f"{path}: cannot read image (corrupt or not an image)") from None
+        raise DatasetError(f"{path}: cannot read {what} (corrupt or not an image)") from None
 
 
 def read_image(path: str) -> np.ndarray:
@@ -79,28 +122,32 @@ def read_image(path: str) -> np.ndarray:
     return np.array(open_rgb(path))
 
 
-def read_label_ids(path: str) -> np.ndarray:
+def read_label_ids(path: str, rows: int | None = None) -> np.ndarray:
     """Read a single-channel label-id PNG (grey or palette) as an HxW integer array.
 
     Palette PNGs (GTA5) are read with PIL so that we get the palette indices, which are
-    the label ids; OpenCV would expand them to colours.
+    the label ids; OpenCV would expand them to colours. ``rows``: only the top rows are
+    needed (the array returned may hold only those).
     """
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: label file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DatasetError(
-                    f"{path}: label must be a single-channel (grey or palette) PNG, "
-                    f"got mode {im.mode}"
-                )
-            arr = np.asarray(im)
-    except DatasetError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot read label ({e})") from None
-    return arr
+    for top in (rows, None):
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                    raise DatasetError(
+                        f"{path}: label must be a single-channel (grey or palette) PNG, "
+                        f"got mode {im.mode}"
+                    )
+                _load_top(im, top)
+                return np.asarray(im)
+        except _WholeDecode:
+            continue
+        except DatasetError:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"{path}: cannot read label ({e})") from None
+    raise AssertionError("unreachable")
 
 
 def check_pair_sizes(img_path: str, img_hw: tuple[int, int], lbl_path: str,
@@ -133,9 +180,16 @@ def augment_or_whole(
     label: np.ndarray | None,
     rng: random.Random,
     gen: torch.Generator,
+    params: dict[str, Any] | None = None,
+    size_hw: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields."""
-    if augment is None:
+    """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields.
+
+    ``params``: geometry already drawn with ``augment.draw`` (then ``img`` and ``label`` may
+    hold only the top rows of an image of size ``size_hw``)."""
+    if augment is not None and params is not None:
+        out_img, out_lbl = augment.apply(img, label, params, gen, size_hw)
+    elif augment is None:
         arr = np.asarray(img)
         h, w = arr.shape[:2]
         out_img = to_chw_tensor(arr)
@@ -269,16 +323,42 @@ class GTA5Dataset(Dataset):
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
-    def _load_with_skip(self, index: int) -> tuple[Image.Image, np.ndarray, str, int]:
-        """``load_pair`` (label ids not encoded), or with ``skip_bad_images`` the next
-        readable index."""
+    def _load_sample(self, index: int, rng: random.Random
+                     ) -> tuple[Image.Image, np.ndarray, str, dict[str, Any] | None, tuple[int, int] | None]:
+        """Image and label ids (not encoded) of a training sample, and the drawn geometry.
+
+        With augmentation and both files already at ``img_size`` (no pre-resize), the
+        geometry is drawn from the file headers first and only the top rows the crop reads
+        are decoded; returns ``(img, ids, path, params, (H, W))``. Otherwise
+        ``(img, ids, path, None, None)`` from :meth:`load_pair`, and the augmentation draws.
+        """
+        aug = self.augment
+        if aug is not None and aug.enabled:
+            name = self.files[index]
+            img_path = os.path.join(self.image_dir, name)
+            lbl_path = os.path.join(self.label_dir, name)
+            if image_size(img_path) == self.img_size and image_size(lbl_path, "label") == self.img_size:
+                width, height = self.img_size
+                params = aug.draw(rng, height, width)
+                img_rows, lbl_rows = aug.rows_needed(params, height, width)
+                img = open_rgb(img_path, rows=img_rows)
+                ids = read_label_ids(lbl_path, rows=lbl_rows)
+                return img, ids, img_path, params, (height, width)
+        img, ids, path = self.load_pair(index, encode=False)
+        return img, ids, path, None, None
+
+    def _load_with_skip(self, index: int, rng: random.Random
+                        ) -> tuple[Image.Image, np.ndarray, str, dict[str, Any] | None, tuple[int, int] | None, int]:
+        """``_load_sample``, or with ``skip_bad_images`` the next readable index."""
         if not self.skip_bad_images:
-            return (*self.load_pair(index, encode=False), index)
+            return (*self._load_sample(index, rng), index)
         for step in range(len(self.files)):
             i = (index + step) % len(self.files)
+            state = rng.getstate()
             try:
-                return (*self.load_pair(i, encode=False), i)
+                return (*self._load_sample(i, rng), i)
             except DatasetError as e:
+                rng.setstate(state)
                 name = self.files[i]
                 if name not in self._warned:
                     self._warned.add(name)
@@ -288,8 +368,8 @@ class GTA5Dataset(Dataset):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         epoch, index = parse_key(key, len(self))
         rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
-        img, ids, path, used = self._load_with_skip(index)
-        sample = augment_or_whole(self.augment, img, ids, rng, gen)
+        img, ids, path, params, size_hw, used = self._load_with_skip(index, rng)
+        sample = augment_or_whole(self.augment, img, ids, rng, gen, params, size_hw)
         sample["label"] = torch.from_numpy(encode_labels(sample["label"].numpy(), self.num_classes))
         sample["path"] = path
         sample["index"] = used

@@ -59,38 +59,61 @@ def resize_label(label: np.ndarray, size_wh: Sequence[int]) -> np.ndarray:
     return np.array(Image.fromarray(label).resize((w, h), Image.NEAREST))
 
 
-def resize_crop(img: Image.Image, size_wh: Sequence[int], box: Sequence[int]) -> Image.Image:
+def _vertical_first(src_wh: tuple[int, int], size_wh: tuple[int, int]) -> bool:
+    """Whether Pillow may resize this vertically first: the height shrinks by more pixels
+    than the width (Pillow 13 does so when it is more than twice as many; older Pillow never)."""
+    (width, height), (w, h) = src_wh, size_wh
+    return h < height and height - h > width - w
+
+
+def _source_rows(height: int, h: int, y0: int, y1: int) -> tuple[int, int]:
+    """Source rows ``[r0, r1)`` that output rows ``[y0, y1)`` of a bilinear resize of
+    ``height`` rows to ``h`` read (with a margin of two rows)."""
+    scale = height / h
+    support = max(1.0, scale)  # the bilinear filter's reach in source rows
+    return (max(0, math.floor(y0 * scale - support) - 2),
+            min(height, math.ceil(y1 * scale + support) + 2))
+
+
+def resize_crop(img: Image.Image, size_wh: Sequence[int], box: Sequence[int],
+                src_wh: Sequence[int] | None = None) -> Image.Image:
     """``img.resize(size_wh, Image.BILINEAR).crop(box)``, bit for bit, computing only what
     the crop needs.
 
     PIL resizes in two passes, horizontal then vertical (except in the case noted below),
     through a uint8 image; each output pixel's filter depends only on the input and output
-    sizes. The horizontal pass runs
-    on the source rows the crop's rows read (rows are independent), and only the crop's
-    columns are kept; these rows are placed at their own height in an image of the source's
-    height, whose vertical resize to the full output height gives the crop's rows exactly
-    (the rows left black are outside every filter window the crop uses). A resize box
-    (``resize(..., box=)``) would be cheaper still, but PIL passes its corners as 32-bit
-    floats, which shifts the filter positions and changes some pixels.
+    sizes. The horizontal pass runs on the source rows the crop's rows read (rows are
+    independent), and only the crop's columns are kept; these rows are placed at their own
+    height in an image of the source's height, whose vertical resize to the full output
+    height gives the crop's rows exactly (the rows left black are outside every filter
+    window the crop uses). A resize box (``resize(..., box=)``) would be cheaper still, but
+    PIL passes its corners as 32-bit floats, which shifts the filter positions and changes
+    some pixels.
+
+    ``src_wh``: the size of the whole source image when ``img`` holds only its top rows
+    (at least :meth:`JointAugment.rows_needed` of them).
     """
     w, h = int(size_wh[0]), int(size_wh[1])
     x0, y0, x1, y1 = (int(v) for v in box)
-    width, height = img.size
+    width, height = img.size if src_wh is None else (int(src_wh[0]), int(src_wh[1]))
     if (w, h) == (width, height):
         return img.crop((x0, y0, x1, y1))
-    if h < height and height - h > width - w:
-        # The height shrinks by more pixels than the width: Pillow 13 runs the vertical pass
-        # first when it is more than twice as many (older Pillow never does). Leave these to
-        # Pillow; with the aspect ratio kept, a landscape image gets here only by rounding.
+    if _vertical_first((width, height), (w, h)):
+        # Leave these to Pillow; with the aspect ratio kept, a landscape image gets here
+        # only by rounding.
         return img.resize((w, h), Image.BILINEAR).crop((x0, y0, x1, y1))
-    scale = height / h
-    support = max(1.0, scale)  # the bilinear filter's reach in source rows
-    r0 = max(0, math.floor(y0 * scale - support) - 2)
-    r1 = min(height, math.ceil(y1 * scale + support) + 2)
+    r0, r1 = _source_rows(height, h, y0, y1)
     rows = img.crop((0, r0, width, r1)).resize((w, r1 - r0), Image.BILINEAR)
     tall = Image.new(img.mode, (x1 - x0, height))
     tall.paste(rows.crop((x0, 0, x1, r1 - r0)), (0, r0))
     return tall.resize((x1 - x0, h), Image.BILINEAR).crop((0, y0, x1 - x0, y1))
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """The source index of each output pixel along one axis of PIL's ``Image.NEAREST``
+    resize from ``n_in`` to ``n_out`` pixels, as PIL computes it (PIL resizes the indices)."""
+    ramp = Image.fromarray(np.arange(n_in, dtype=np.int32)[None, :])
+    return np.asarray(ramp.resize((n_out, 1), Image.NEAREST))[0]
 
 
 def to_chw_tensor(img_hwc: np.ndarray) -> torch.Tensor:
@@ -198,6 +221,67 @@ class JointAugment:
                 img = ops[i](img, factors[i])
         return img
 
+    def draw(self, rng: random.Random, height: int, width: int) -> dict[str, Any]:
+        """Draw the geometry of one sample, in the original's order: uniform (resize),
+        randint x, randint y, random (flip). Returns the ``params`` of :meth:`__call__`."""
+        if not self.enabled:
+            return {"resized_hw": (height, width), "crop_box": (0, height, 0, width), "flip": False}
+        tw, th = self.crop_wh
+        h, w = self.sample_size(rng, height, width)
+        x1 = rng.randint(0, w - tw)
+        y1 = rng.randint(0, h - th)
+        flip = rng.random() < self.hflip
+        return {"resized_hw": (int(h), int(w)), "crop_box": (int(y1), int(y1 + th), int(x1), int(x1 + tw)),
+                "flip": bool(flip)}
+
+    def rows_needed(self, params: dict[str, Any], height: int, width: int) -> tuple[int, int]:
+        """How many top rows of the ``height`` x ``width`` image and of its label the sample
+        ``params`` reads (the rest need not be decoded)."""
+        h, w = params["resized_hw"]
+        ys, ye, _, _ = params["crop_box"]
+        if not self.enabled or (h, w) == (height, width):
+            return ye, ye
+        lbl_rows = int(nearest_index(height, h)[ye - 1]) + 1
+        if _vertical_first((width, height), (w, h)):
+            return height, lbl_rows
+        return _source_rows(height, h, ys, ye)[1], lbl_rows
+
+    def apply(
+        self,
+        img: np.ndarray | Image.Image,
+        label: np.ndarray | None,
+        params: dict[str, Any],
+        torch_gen: torch.Generator,
+        size_hw: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Resize, crop, flip (``params`` from :meth:`draw`) and colour-jitter one sample.
+
+        ``size_hw``: the whole image's size when ``img`` and ``label`` hold only their top
+        rows (at least :meth:`rows_needed`).
+        """
+        pil = pil_rgb(img)
+        height, width = pil.height, pil.width
+        if size_hw is not None:
+            height, width = int(size_hw[0]), int(size_hw[1])
+        h, w = params["resized_hw"]
+        ys, ye, xs, xe = params["crop_box"]
+        if not self.enabled:
+            crop, crop_lbl = pil, label
+        else:
+            crop = resize_crop(pil, (w, h), (xs, ys, xe, ye), src_wh=(width, height))
+            if label is None:
+                crop_lbl = None
+            elif (h, w) == (height, width):
+                crop_lbl = label[ys:ye, xs:xe]
+            else:  # PIL's nearest resize, for the crop's pixels only
+                crop_lbl = label[nearest_index(height, h)[ys:ye]][:, nearest_index(width, w)[xs:xe]]
+            if params["flip"]:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                crop_lbl = None if crop_lbl is None else crop_lbl[:, ::-1]
+        out_img = to_chw_tensor(np.asarray(self.color_jitter(crop, torch_gen)))
+        out_lbl = None if crop_lbl is None else torch.from_numpy(np.ascontiguousarray(crop_lbl))
+        return out_img, out_lbl
+
     def __call__(
         self,
         img: np.ndarray | Image.Image,
@@ -213,31 +297,8 @@ class JointAugment:
         random (flip, only when ``hflip``); then the colour jitter from ``torch_gen``.
         """
         pil = pil_rgb(img)
-        width, height = pil.size
-        if label is not None and label.shape[:2] != (height, width):
-            raise ValueError(f"label shape {label.shape} does not match image {height}x{width}")
-        if not self.enabled:
-            h, w = height, width
-            ys, ye, xs, xe = 0, height, 0, width
-            flip = False
-            crop, crop_lbl = pil, label
-        else:
-            tw, th = self.crop_wh
-            h, w = self.sample_size(rng, height, width)
-            x1 = rng.randint(0, w - tw)
-            y1 = rng.randint(0, h - th)
-            ys, ye, xs, xe = y1, y1 + th, x1, x1 + tw
-            flip = rng.random() < self.hflip
-            crop = resize_crop(pil, (w, h), (xs, ys, xe, ye))
-            crop_lbl = None if label is None else resize_label(label, (w, h))[ys:ye, xs:xe]
-            if flip:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-                crop_lbl = None if crop_lbl is None else crop_lbl[:, ::-1]
-        out_img = to_chw_tensor(np.asarray(self.color_jitter(crop, torch_gen)))
-        out_lbl = None if crop_lbl is None else torch.from_numpy(np.ascontiguousarray(crop_lbl))
-        params = {
-            "resized_hw": (int(h), int(w)),
-            "crop_box": (int(ys), int(ye), int(xs), int(xe)),
-            "flip": bool(flip),
-        }
+        if label is not None and label.shape[:2] != (pil.height, pil.width):
+            raise ValueError(f"label shape {label.shape} does not match image {pil.height}x{pil.width}")
+        params = self.draw(rng, pil.height, pil.width)
+        out_img, out_lbl = self.apply(pil, label, params, torch_gen)
         return out_img, out_lbl, params

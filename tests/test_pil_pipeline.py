@@ -28,7 +28,8 @@ from PIL import Image
 from torchvision.transforms import ColorJitter, ToPILImage
 
 from datasets.cityscapes import CityscapesDataset
-from datasets.gta5 import GTA5Dataset, sample_rngs
+from datasets.errors import DatasetError
+from datasets.gta5 import GTA5Dataset, open_rgb, read_label_ids, sample_rngs
 from datasets.labels import encode_labels, synthia_encode_labels
 from datasets.synthetic import generate
 from datasets.synthia import SynthiaDataset, read_synthia_label
@@ -206,11 +207,14 @@ def test_preresize_is_pil(roots: dict[str, str], size: tuple[int, int]) -> None:
         np.testing.assert_array_equal(s["label"].numpy(), synthia_encode_labels(ref_lbl))
 
 
-def test_gta5_training_sample_is_original(roots: dict[str, str]) -> None:
-    """A whole GTA5 training sample: pre-resize, augmentation, jitter and label encoding."""
-    size, crop = (203, 104), (96, 64)
+@pytest.mark.parametrize("size", [(131, 67), (203, 104)])
+def test_gta5_training_sample_is_original(roots: dict[str, str], size: tuple[int, int]) -> None:
+    """A whole GTA5 training sample: pre-resize, augmentation, jitter and label encoding.
+    At the files' own size only the rows the crop reads are decoded."""
+    crop = (96, 64)
     aug = JointAugment(resize=200, crop_wh=crop, hflip=0.5, clrjit=JITTER)
     ds = GTA5Dataset(roots["gta5"], img_size=size, augment=aug, seed=3)
+    partial = 0
     for i in range(len(ds)):
         for epoch in range(4):
             s = ds[(epoch, i)]
@@ -218,7 +222,29 @@ def test_gta5_training_sample_is_original(roots: dict[str, str]) -> None:
             ids = np.asarray(Image.open(Path(roots["gta5"]) / "labels" / Path(s["path"]).name).resize(size, Image.NEAREST))
             rng, gen = sample_rngs(3, "source", epoch, i)
             ref, ref_lbl, params, _ = _original(img, encode_labels(ids), 200, crop, JITTER, rng, gen)
+            if size == (131, 67):
+                rows = aug.rows_needed(params, 67, 131)
+                partial += rows[0] < 67
             assert (tuple(s["resized_hw"].tolist()), tuple(s["crop_box"].tolist()), bool(s["flip"])) == \
                 (params["resized_hw"], params["crop_box"], params["flip"])
             np.testing.assert_array_equal(s["label"].numpy(), ref_lbl)
             np.testing.assert_array_equal(s["img"].permute(1, 2, 0).numpy(), ref)
+    assert size != (131, 67) or partial >= 2
+
+
+def test_top_rows_decode(roots: dict[str, str], tmp_path: Path) -> None:
+    """Decoding only the top rows of a PNG gives the same rows as decoding it whole."""
+    img_path = next((Path(roots["gta5"]) / "images").glob("*.png"))
+    lbl_path = Path(roots["gta5"]) / "labels" / img_path.name
+    whole = np.asarray(Image.open(img_path).convert("RGB"))
+    whole_lbl = np.asarray(Image.open(lbl_path))
+    for rows in (1, 20, 66, 67, None):
+        top = np.asarray(open_rgb(str(img_path), rows=rows))
+        assert top.shape[0] == (67 if rows is None else rows)
+        np.testing.assert_array_equal(top, whole[: top.shape[0]])
+        top_lbl = read_label_ids(str(lbl_path), rows=rows)
+        np.testing.assert_array_equal(top_lbl, whole_lbl[: top_lbl.shape[0]])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(img_path.read_bytes()[:300])
+    with pytest.raises(DatasetError, match="cannot read image"):
+        open_rgb(str(bad), rows=10)
