@@ -294,7 +294,7 @@ class JointAugment:
         Returns ``(img uint8 [3, h, w], label uint8 [h, w] or None, params)`` with
         ``params = {"resized_hw": (h, w), "crop_box": (ys, ye, xs, xe), "flip": bool}``.
         Draws from ``rng`` in the original's order: uniform (resize), randint x, randint y,
-        random (flip, only when ``hflip``); then the colour jitter from ``torch_gen``.
+        random (flip); then the colour jitter from ``torch_gen``.
         """
         pil = pil_rgb(img)
         if label is not None and label.shape[:2] != (pil.height, pil.width):
