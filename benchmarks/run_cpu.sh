@@ -10,6 +10,6 @@ LOG=${OUT:-.}/benchmarks_cpu.txt
 echo "== $(date -u +%F) $(uname -m), $(nproc) CPUs, $($PY -c 'import torch; print("torch", torch.__version__)')"
 echo "-- online class thresholds"; $PY benchmarks/bench_thresholds_online.py --repeats 8
 echo "-- offline class thresholds"; $PY benchmarks/bench_thresholds_offline.py
-echo "-- data pipeline"; $PY benchmarks/bench_data.py --samples 4
+echo "-- data pipeline"; $PY benchmarks/bench_data.py --samples 24 --pixels 24
 echo "-- training step"; $PY benchmarks/bench_step.py --device cpu --crop 128,64 --batch 1 --iters 3 --baseline --rounds 3
 } 2>&1 | tee "$LOG"

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
@@ -15,8 +16,8 @@ from .get_thresholds import read_npy_header
 from .gta5 import (
     Key,
     augment_or_whole,
+    open_rgb,
     parse_key,
-    read_image,
     read_label_ids,
     require_dir,
     resize_pair,
@@ -162,11 +163,11 @@ class CityscapesDataset(Dataset):
                 raise DatasetError(f"{path}: not a valid .npy file ({e})") from None
             self._check_soft_shape(path, shape, dtype, num_classes, expected_hw)
 
-    def load_image(self, index: int) -> tuple[np.ndarray, tuple[int, int], str]:
-        """Image resized to ``img_size`` (uint8 RGB HWC), its original (h, w), its path."""
+    def load_image(self, index: int) -> tuple[Image.Image, tuple[int, int], str]:
+        """Image resized to ``img_size`` (RGB PIL image), its original (h, w), its path."""
         path = self.files[index]
-        img = read_image(path)
-        orig_hw = (int(img.shape[0]), int(img.shape[1]))
+        img = open_rgb(path)
+        orig_hw = (img.height, img.width)
         img, _ = resize_pair(img, None, self.img_size)
         return img, orig_hw, path
 
@@ -187,14 +188,14 @@ class CityscapesDataset(Dataset):
         epoch, index = parse_key(key, len(self))
         img, orig_hw, path = self.load_image(index)
         if self.split != "train":
-            sample: dict[str, Any] = {"img": to_chw_tensor(img)}
+            sample: dict[str, Any] = {"img": to_chw_tensor(np.asarray(img))}
             label = self.load_label(path, orig_hw)
             if label is not None:
                 sample["label"] = torch.from_numpy(label)
         else:
             rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
             sample = augment_or_whole(self.augment, img, None, rng, gen)
-            sample["img_full"] = to_chw_tensor(img)
+            sample["img_full"] = to_chw_tensor(np.asarray(img))
             if self.soft_labels_folder is not None:
                 sample["soft_label"] = self.load_soft_label(path)
         sample["path"] = path

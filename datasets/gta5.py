@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError
 from .labels import encode_labels
-from .transforms import JointAugment, to_chw_tensor
+from .transforms import JointAugment, resize_image, resize_label, to_chw_tensor
 
 Key = int | tuple[int, int] | Sequence[int]
 
@@ -59,38 +58,96 @@ def sample_rngs(seed: int, domain: str, epoch: int, index: int
     return rng, gen
 
 
+def _load_top(im: Image.Image, rows: int | None) -> None:
+    """Decode ``im`` (just opened); with ``rows``, only its top ``rows`` rows where the file
+    allows it (a non-interlaced PNG): PNG stores rows in order, so the rows decoded are the
+    same as in a whole decode, and the rest of the file is never read."""
+    width, height = im.size
+    if rows is not None and 0 < rows < height and im.format == "PNG" and not im.info.get("interlace") \
+            and len(im.tile) == 1 and im.tile[0][0] == "zip" and tuple(im.tile[0][1]) == (0, 0, width, height):
+        tile = im.tile[0]
+        extents = (0, 0, width, rows)
+        try:
+            im.tile = [tile._replace(extents=extents) if hasattr(tile, "_replace")
+                       else (tile[0], extents, *tile[2:])]
+            im._size = (width, rows)
+            im.load_end = lambda: None  # the chunks after the image data are not needed
+            im.load()
+            if im.size == (width, rows):
+                return
+        except (OSError, ValueError, SyntaxError, AttributeError, TypeError):
+            pass
+        raise _WholeDecode
+    im.load()
+
+
+class _WholeDecode(Exception):
+    """The top-rows decode was not possible: decode the whole file."""
+
+
+def open_rgb(path: str, rows: int | None = None) -> Image.Image:
+    """Decode an image file with PIL as an RGB image; DatasetError naming the file if it fails.
+
+    PIL decodes as the original does (``Image.open``); an image stored in another mode
+    (grey, palette, RGBA) is converted to RGB. ``rows``: only the top rows are needed (the
+    image returned may hold only those).
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: image file not found")
+    for top in (rows, None):
+        try:
+            with Image.open(path) as im:
+                _load_top(im, top)
+                return im if im.mode == "RGB" else im.convert("RGB")
+        except _WholeDecode:
+            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            break
+    raise DatasetError(f"{path}: cannot read image (corrupt or not an image)") from None
+
+
+def image_size(path: str, what: str = "image") -> tuple[int, int]:
+    """``(width, height)`` from an image file's header; DatasetError naming the file if it fails."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: {what} file not found")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise DatasetError(f"{path}: cannot read {what} (corrupt or not an image)") from None
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as uint8 RGB HxWx3; DatasetError naming the file if it fails."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        if not os.path.isfile(path):
-            raise DatasetError(f"{path}: image file not found")
-        raise DatasetError(f"{path}: cannot read image (corrupt or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return np.array(open_rgb(path))
 
 
-def read_label_ids(path: str) -> np.ndarray:
+def read_label_ids(path: str, rows: int | None = None) -> np.ndarray:
     """Read a single-channel label-id PNG (grey or palette) as an HxW integer array.
 
     Palette PNGs (GTA5) are read with PIL so that we get the palette indices, which are
-    the label ids; OpenCV would expand them to colours.
+    the label ids; OpenCV would expand them to colours. ``rows``: only the top rows are
+    needed (the array returned may hold only those).
     """
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: label file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DatasetError(
-                    f"{path}: label must be a single-channel (grey or palette) PNG, "
-                    f"got mode {im.mode}"
-                )
-            arr = np.asarray(im)
-    except DatasetError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot read label ({e})") from None
-    return arr
+    for top in (rows, None):
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                    raise DatasetError(
+                        f"{path}: label must be a single-channel (grey or palette) PNG, "
+                        f"got mode {im.mode}"
+                    )
+                _load_top(im, top)
+                return np.asarray(im)
+        except _WholeDecode:
+            continue
+        except DatasetError:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"{path}: cannot read label ({e})") from None
+    raise AssertionError("unreachable")
 
 
 def check_pair_sizes(img_path: str, img_hw: tuple[int, int], lbl_path: str,
@@ -107,29 +164,36 @@ def check_pair_sizes(img_path: str, img_hw: tuple[int, int], lbl_path: str,
         )
 
 
-def resize_pair(img: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int]
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize image (bilinear) and label (nearest) to ``size_wh``; no-op when equal."""
-    w, h = size_wh
-    if img.shape[:2] != (h, w):
-        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-    if label is not None and label.shape[:2] != (h, w):
-        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+def resize_pair(img: Image.Image, label: np.ndarray | None, size_wh: tuple[int, int]
+                ) -> tuple[Image.Image, np.ndarray | None]:
+    """Resize image and label to ``size_wh`` as the original: PIL bilinear for the image,
+    PIL nearest for the label; each is left as it is when it already has that size."""
+    img = resize_image(img, size_wh)
+    if label is not None:
+        label = resize_label(label, size_wh)
     return img, label
 
 
 def augment_or_whole(
     augment: JointAugment | None,
-    img: np.ndarray,
+    img: Image.Image | np.ndarray,
     label: np.ndarray | None,
     rng: random.Random,
     gen: torch.Generator,
+    params: dict[str, Any] | None = None,
+    size_hw: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields."""
-    if augment is None:
-        h, w = img.shape[:2]
-        out_img = to_chw_tensor(img)
-        out_lbl = None if label is None else torch.from_numpy(np.ascontiguousarray(label))
+    """Run ``augment`` (or keep the whole image) and pack the DESIGN.md sample fields.
+
+    ``params``: geometry already drawn with ``augment.draw`` (then ``img`` and ``label`` may
+    hold only the top rows of an image of size ``size_hw``)."""
+    if augment is not None and params is not None:
+        out_img, out_lbl = augment.apply(img, label, params, gen, size_hw)
+    elif augment is None:
+        arr = np.asarray(img)
+        h, w = arr.shape[:2]
+        out_img = to_chw_tensor(arr)
+        out_lbl = None if label is None else torch.from_numpy(np.array(label))
         params = {"resized_hw": (h, w), "crop_box": (0, h, 0, w), "flip": False}
     else:
         out_img, out_lbl, params = augment(img, label, rng, gen)
@@ -243,27 +307,58 @@ class GTA5Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """Image (RGB uint8) and train ids (uint8), both resized to ``img_size``."""
+    def load_pair(self, index: int, encode: bool = True) -> tuple[Image.Image, np.ndarray, str]:
+        """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``.
+
+        ``encode=False`` keeps the file's label ids (encoding is a per-pixel map, so it
+        gives the same train ids after the nearest resizes, crop and flip, on fewer pixels).
+        """
         name = self.files[index]
         img_path = os.path.join(self.image_dir, name)
         lbl_path = os.path.join(self.label_dir, name)
-        img = read_image(img_path)
+        img = open_rgb(img_path)
         ids = read_label_ids(lbl_path)
-        check_pair_sizes(img_path, img.shape[:2], lbl_path, ids.shape[:2])
-        label = encode_labels(ids, self.num_classes)
+        check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
+        label = encode_labels(ids, self.num_classes) if encode else ids
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
-    def _load_with_skip(self, index: int) -> tuple[np.ndarray, np.ndarray, str, int]:
-        """``load_pair``, or with ``skip_bad_images`` the next readable index."""
+    def _load_sample(self, index: int, rng: random.Random
+                     ) -> tuple[Image.Image, np.ndarray, str, dict[str, Any] | None, tuple[int, int] | None]:
+        """Image and label ids (not encoded) of a training sample, and the drawn geometry.
+
+        With augmentation and both files already at ``img_size`` (no pre-resize), the
+        geometry is drawn from the file headers first and only the top rows the crop reads
+        are decoded; returns ``(img, ids, path, params, (H, W))``. Otherwise
+        ``(img, ids, path, None, None)`` from :meth:`load_pair`, and the augmentation draws.
+        """
+        aug = self.augment
+        if aug is not None and aug.enabled:
+            name = self.files[index]
+            img_path = os.path.join(self.image_dir, name)
+            lbl_path = os.path.join(self.label_dir, name)
+            if image_size(img_path) == self.img_size and image_size(lbl_path, "label") == self.img_size:
+                width, height = self.img_size
+                params = aug.draw(rng, height, width)
+                img_rows, lbl_rows = aug.rows_needed(params, height, width)
+                img = open_rgb(img_path, rows=img_rows)
+                ids = read_label_ids(lbl_path, rows=lbl_rows)
+                return img, ids, img_path, params, (height, width)
+        img, ids, path = self.load_pair(index, encode=False)
+        return img, ids, path, None, None
+
+    def _load_with_skip(self, index: int, rng: random.Random
+                        ) -> tuple[Image.Image, np.ndarray, str, dict[str, Any] | None, tuple[int, int] | None, int]:
+        """``_load_sample``, or with ``skip_bad_images`` the next readable index."""
         if not self.skip_bad_images:
-            return (*self.load_pair(index), index)
+            return (*self._load_sample(index, rng), index)
         for step in range(len(self.files)):
             i = (index + step) % len(self.files)
+            state = rng.getstate()
             try:
-                return (*self.load_pair(i), i)
+                return (*self._load_sample(i, rng), i)
             except DatasetError as e:
+                rng.setstate(state)
                 name = self.files[i]
                 if name not in self._warned:
                     self._warned.add(name)
@@ -273,8 +368,9 @@ class GTA5Dataset(Dataset):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         epoch, index = parse_key(key, len(self))
         rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
-        img, label, path, used = self._load_with_skip(index)
-        sample = augment_or_whole(self.augment, img, label, rng, gen)
+        img, ids, path, params, size_hw, used = self._load_with_skip(index, rng)
+        sample = augment_or_whole(self.augment, img, ids, rng, gen, params, size_hw)
+        sample["label"] = torch.from_numpy(encode_labels(sample["label"].numpy(), self.num_classes))
         sample["path"] = path
         sample["index"] = used
         return sample

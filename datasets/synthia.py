@@ -9,6 +9,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
@@ -16,8 +17,8 @@ from .gta5 import (
     Key,
     augment_or_whole,
     check_pair_sizes,
+    open_rgb,
     parse_key,
-    read_image,
     require_dir,
     resize_pair,
     sample_rngs,
@@ -93,14 +94,14 @@ class SynthiaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_pair(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """Image (RGB uint8) and train ids (uint8), both resized to ``img_size``."""
+    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
+        """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``."""
         name = self.files[index]
         img_path = os.path.join(self.image_dir, name)
         lbl_path = os.path.join(self.label_dir, name)
-        img = read_image(img_path)
+        img = open_rgb(img_path)
         ids = read_synthia_label(lbl_path)
-        check_pair_sizes(img_path, img.shape[:2], lbl_path, ids.shape[:2])
+        check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
         label = synthia_encode_labels(ids, self.num_classes)
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path

@@ -23,9 +23,12 @@ def test_offline_thresholds_benchmark() -> None:
 
 
 def test_data_benchmark() -> None:
-    proc = run_script(["benchmarks/bench_data.py", "--samples", "1"])
-    for row in ("GTA5 1914x1052 -> 896x512", "Cityscapes 2048x1024", "Cityscapes + soft label"):
-        assert re.search(re.escape(row) + r"\s+[\d.]+\s+[\d.]+\s+[\d.]+x", proc.stdout), proc.stdout
+    proc = run_script(["benchmarks/bench_data.py", "--samples", "1", "--pixels", "2"])
+    for row in ("GTA5, phase 1", "Cityscapes, phase 1", "GTA5, phase 2 (jitter)",
+                "Cityscapes, phase 2 (jitter + soft)"):
+        assert re.search(re.escape(row) + r"(\s+[\d.]+x?){5}", proc.stdout), proc.stdout
+    for row in ("ours", "ours+jitter"):  # our random resize + crop gives the original's pixels
+        assert re.search(rf"^{re.escape(row)}\s+2/2\s", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_step_benchmark() -> None:
