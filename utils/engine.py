@@ -253,19 +253,24 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 250) -> Te
 
 
 # ---------------------------------------------------------------------------- network building
-def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False) -> DecoupleNet:
+def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False,
+                  checkpoint_hook: Callable[[dict], None] | None = None) -> DecoupleNet:
     """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
 
     ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
-    ``--resume`` nor the ImageNet file is read.
+    ``--resume`` nor the ImageNet file is read. ``checkpoint_hook``: called with the loaded
+    ``--resume`` dict after the network took its groups (phase 1 takes ``D1``/``D2`` from it).
     """
     net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
                       decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn)
     if skip_weights:
         LOG.info("weights come from the training state (--resume_from)")
     elif args.resume:
-        layout = net.load_official(safe_load(args.resume), origin=args.resume)
+        ckpt = safe_load(args.resume)
+        layout = net.load_official(ckpt, origin=args.resume)
         LOG.info("weights from %s (%s layout)", args.resume, layout)
+        if checkpoint_hook is not None:
+            checkpoint_hook(ckpt)
     else:
         net.load_imagenet(args.imagenet)
         LOG.info("backbone from ImageNet weights %s", args.imagenet)
