@@ -1,7 +1,8 @@
 """Command-line options shared by every script (SPEC section 7).
 
-Every flag of the original keeps its name, default and meaning. Flags the original has but
-never reads are accepted and ignored (listed under "ignored" in ``--help``).
+Every flag of the original keeps its name, default and meaning, except ``--thresholds_path``
+of phase 2, which has no default (the original's ``avg`` names no file). Flags the original has
+but never reads are accepted and ignored (listed under "ignored" in ``--help``).
 """
 
 from __future__ import annotations
