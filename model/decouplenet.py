@@ -18,6 +18,10 @@ official group               attribute
 ``classifier_state_dict``    ``classifier``
 ``aux_classifier_state_dict````aux_classifier`` (ours; the original does not save it)
 ===========================  =================
+
+Phase-1 files of ours also hold ``D1_state_dict`` and ``D2_state_dict``, the discriminators
+(not part of this network: :meth:`DecoupleNet.load_official` ignores them, phase 1 restores
+them from ``--resume``).
 """
 
 from __future__ import annotations
@@ -223,22 +227,7 @@ class DecoupleNet(nn.Module):
             self._load_group(group, sd, origin)
 
     def _load_group(self, group: str, state: Mapping[str, Tensor], origin: str) -> None:
-        module: nn.Module = getattr(self, GROUPS[group])
-        own = module.state_dict()
-        for key in own:
-            if key not in state:
-                raise CheckpointError(f"{origin}: missing key {group}/{key}")
-        for key, value in state.items():
-            if key not in own:
-                raise CheckpointError(f"{origin}: unexpected key {group}/{key}")
-            if not isinstance(value, Tensor):
-                raise CheckpointError(f"{origin}: {group}/{key} is not a tensor")
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise CheckpointError(
-                    f"{origin}: shape mismatch for {group}/{key}: checkpoint {tuple(value.shape)}, "
-                    f"network {tuple(own[key].shape)} (check --layer / --hidden_dim / --num-classes)"
-                )
-        module.load_state_dict(state, strict=True)
+        load_group_state(getattr(self, GROUPS[group]), state, group, origin)
 
     def load_official(self, ckpt: Mapping, origin: str = "checkpoint") -> str:
         """Load an official-format checkpoint dict; returns its layout name.
@@ -304,6 +293,26 @@ class DecoupleNet(nn.Module):
                 (k, v.detach().cpu().clone()) for k, v in module.state_dict().items()
             )
         return out
+
+
+def load_group_state(module: nn.Module, state: Mapping[str, Tensor], group: str, origin: str) -> None:
+    """``module.load_state_dict(state)`` of checkpoint group ``group`` (keys without ``module.``);
+    a missing or unexpected key or a wrong shape is a :class:`CheckpointError` naming the first one."""
+    own = module.state_dict()
+    for key in own:
+        if key not in state:
+            raise CheckpointError(f"{origin}: missing key {group}/{key}")
+    for key, value in state.items():
+        if key not in own:
+            raise CheckpointError(f"{origin}: unexpected key {group}/{key}")
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{origin}: {group}/{key} is not a tensor")
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"{origin}: shape mismatch for {group}/{key}: checkpoint {tuple(value.shape)}, "
+                f"network {tuple(own[key].shape)} (check --layer / --hidden_dim / --num-classes)"
+            )
+    module.load_state_dict(state, strict=True)
 
 
 def sourceonly_state(net: DecoupleNet) -> OrderedDict:

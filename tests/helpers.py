@@ -60,3 +60,52 @@ def filled_sourceonly_checkpoint(layer: int = 1, num_classes: int = 19) -> dict:
         "head_state_dict": filled_state("head", official["head_state_dict"]),
         "classifier_state_dict": filled_state("classifier", official["classifier_state_dict"]),
     }
+
+
+def filled_full_phase1_checkpoint(layer: int = 1, num_classes: int = 19) -> dict:
+    """A phase-1 checkpoint of ours with every group's own fill, the discriminators included
+    (``model_B1`` ... ``aux_classifier``, ``D1``, ``D2``; parity README, ``phase1_step_adv``)."""
+    from model import DecoupleNet, FCDiscriminator
+    from model.decouplenet import STEM_CHANNELS
+
+    ckpt = filled_phase1_checkpoint(DecoupleNet(num_classes=num_classes, layer=layer))
+    ckpt["D1_state_dict"] = filled_state("D1", FCDiscriminator(STEM_CHANNELS[layer], ndf=32).state_dict())
+    ckpt["D2_state_dict"] = filled_state("D2", FCDiscriminator(num_classes, ndf=64).state_dict())
+    return ckpt
+
+
+def well_conditioned(ckpt: dict) -> dict:
+    """Multiply every bottleneck's ``bn3.weight`` by 0.1 in float32, in place (the start of the
+    ``phase1_step_wc``, ``phase1_step_adv`` and ``phase2_step`` fixtures); returns ``ckpt``."""
+    for state in ckpt.values():
+        for key, value in state.items():
+            if key.endswith("bn3.weight"):
+                value.mul_(0.1)
+    return ckpt
+
+
+def with_module_prefix(ckpt: dict) -> OrderedDict:
+    """``ckpt`` with ``module.`` before every key, as the original's DDP-wrapped parts save them."""
+    return OrderedDict((group, OrderedDict((f"module.{k}", v) for k, v in state.items()))
+                       for group, state in ckpt.items())
+
+
+# Cityscapes label id of train ids 0..18 (cityscapesScripts helpers/labels.py); other ids are ignored.
+LABEL_ID_OF_TRAIN_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
+
+def miou_by_hand(label_ids: list[np.ndarray], preds: list[np.ndarray]) -> float:
+    """The original's validation mIoU, written out independently of ``utils.metrics``: per train id,
+    the sum over images of intersections / (the sum of unions + 1e-10), mean over the 19 classes.
+    ``label_ids`` are Cityscapes label-id images, ``preds`` train-id predictions; pixels whose label
+    id is not one of the 19 do not count."""
+    inter, union = np.zeros(19), np.zeros(19)
+    for ids, pred in zip(label_ids, preds):
+        gt = np.full(ids.shape, -1)
+        for train_id, label_id in enumerate(LABEL_ID_OF_TRAIN_ID):
+            gt[ids == label_id] = train_id
+        valid = gt >= 0
+        for k in range(19):
+            inter[k] += np.sum((pred == k) & (gt == k))
+            union[k] += np.sum(((pred == k) & valid) | (gt == k))
+    return float(np.mean(inter / (union + 1e-10)))

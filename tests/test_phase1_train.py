@@ -59,10 +59,14 @@ def test_single_process_outputs(run_a) -> None:
     assert 0.0 < miou <= 1.0
 
     final = torch.load(snapshot / "GTA5_4.pth", map_location="cpu", weights_only=True)
-    official = {"model_B1_state_dict", "model_B2_state_dict", "model_B_state_dict", "head_state_dict",
-                "classifier_state_dict"}
-    assert official <= set(final) and set(final) - official <= {"aux_classifier_state_dict"}, sorted(final)
+    groups = ["model_B1_state_dict", "model_B2_state_dict", "model_B_state_dict", "head_state_dict",
+              "classifier_state_dict", "aux_classifier_state_dict", "D1_state_dict", "D2_state_dict"]
+    assert list(final) == groups, list(final)
+    assert list(torch.load(snapshot / best[0], map_location="cpu", weights_only=True)) == groups
     assert DecoupleNet(layer=1).load_official(final, origin="GTA5_4.pth") == "phase1"
+    state = torch.load(snapshot / "latest.pth", map_location="cpu", weights_only=True)
+    for name in ("D1", "D2"):  # the discriminators as trained, not a fresh copy
+        assert_same_state(final[f"{name}_state_dict"], state["extra_modules"][name], f"GTA5_4.pth/{name}")
 
     args = json.loads((snapshot / "phase1_args.json").read_text())
     assert args["num_steps"] == 4 and args["batch_size"] == 2
@@ -108,19 +112,46 @@ def test_resume_is_bit_identical(run_a, synthetic_data, sourceonly_ckpt, tmp_pat
 
 
 # ---------------------------------------------------------------------------- DDP, options
-def test_two_process_gloo_ddp(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+def test_two_ranks_average_their_class_thresholds(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+    """Two gloo ranks that see different target crops: after one iteration the class thresholds
+    are the mean of what each rank computes alone (its own class banks, then all-reduce / world
+    size). Each rank's crop is rebuilt from its stream key; its thresholds come from the start
+    weights (train-mode BatchNorm on that crop, as in the run) through utils.thresholds."""
+    from datasets.build import target_train_dataset
+    from datasets.sampler import StreamSampler
+    from utils.options import parse_args
+    from utils.thresholds import OnlineClassThresholds
+
     snapshot = tmp_path / "ddp"
-    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snapshot, "--dist", "--gpus", "0,1",
-                                  "--batch-size", "2", "--num-workers", "0", "--num-steps", "2",
-                                  "--num-steps-stop", "2", "--print-every", "1"), env=ONE_LINE_ENV)
+    argv = phase1_args(synthetic_data, sourceonly_ckpt, snapshot, "--dist", "--gpus", "0,1", "--batch-size", "2",
+                       "--num-workers", "0", "--num-steps", "2", "--num-steps-stop", "1", "--print-every", "1")
+    proc = run_script(argv, env=ONE_LINE_ENV)
     assert "rank 0/2" in proc.stdout
-    final = torch.load(snapshot / "GTA5_2.pth", map_location="cpu", weights_only=True)
-    assert DecoupleNet(layer=1).load_official(final) == "phase1"
-    assert [m["iter"] for m in read_metrics(snapshot)] == [0, 1]  # rank 0 only
+    state = torch.load(snapshot / "latest.pth", map_location="cpu", weights_only=True)
+    got = torch.as_tensor(state["stage_state"]["thresholds"]["thresholds"], dtype=torch.float64)
+    assert [m["iter"] for m in read_metrics(snapshot)] == [0]  # rank 0 writes the metrics, once
     # The class-balanced list of the original: num_steps * total batch draws (2 x 2 = 4; not x 2
     # again for the two ranks), seeded with --random-seed; its cache file is keyed on both.
     cached = [p.name for p in snapshot.glob("class_balance_*.json")]
     assert len(cached) == 1 and cached[0].endswith("_4_1234_19.json"), cached
+
+    args = parse_args("phase1", "", [str(a) for a in argv[1:]])
+    dataset = target_train_dataset(args)
+    net = DecoupleNet(layer=1)
+    net.load_official(torch.load(sourceonly_ckpt, map_location="cpu", weights_only=True))
+    net.train()
+    alone, indices = [], []
+    for rank in range(2):
+        key = next(iter(StreamSampler(len(dataset), 1, 2, rank, seed=args.random_seed, shuffle=not args.noshuffle)))
+        indices.append(key[1])
+        x = dataset[key]["img"][None].float() / 255
+        with torch.no_grad():
+            conf, pred = torch.softmax(net(x), 1).max(1)
+        tracker = OnlineClassThresholds(19, p=args.conf_p, bank_length=args.conf_bank_length)
+        alone.append(tracker.update(conf, pred).double())
+    assert indices[0] != indices[1], "the ranks should see different images"
+    assert (alone[0] - alone[1]).abs().max() > 1e-3, "the ranks' own thresholds should differ"
+    torch.testing.assert_close(got, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-5)
 
 
 def test_batch_not_divisible_by_world_size(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
@@ -134,15 +165,64 @@ def test_batch_not_divisible_by_world_size(synthetic_data, sourceonly_ckpt, tmp_
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_vanilla_gan_runs(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+def test_vanilla_gan_losses_match_a_recomputation(tmp_path) -> None:
+    """``--gan Vanilla`` from a full phase-1 start (discriminators included): the first
+    iteration's adversarial and discriminator losses equal BCE-with-logits written out by hand,
+    ``BCE(x, 1) = softplus(-x)`` and ``BCE(x, 0) = softplus(x)``, with the source label 0 and the
+    target label 1, the temperature on D2's input, the stems upsampled for D1."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from model import FCDiscriminator
+    from tests.helpers import filled_full_phase1_checkpoint, well_conditioned
+
+    ckpt = well_conditioned(filled_full_phase1_checkpoint(1))
+    start = tmp_path / "full_phase1.pth"
+    torch.save(ckpt, start)
     snapshot = tmp_path / "vanilla"
-    run_script(phase1_args(synthetic_data, sourceonly_ckpt, snapshot, "--gan", "Vanilla", "--batch-size", "2",
-                           "--num-workers", "0", "--num-steps", "2", "--num-steps-stop", "1"))
-    assert (snapshot / "GTA5_1.pth").is_file()
+    run_script(["train_phase1.py", "--cpu", "--quiet", "--resume", start, "--snapshot-dir", snapshot, "--gan", "Vanilla",
+                "--src_rootpath", STEP / "gta5_one", "--tgt_rootpath", STEP / "cityscapes_one", "--src_img_size", "96,64",
+                "--tgt_img_size", "96,64", "--rcrop", "96,64", "--noaug", "--lambda_adv_tgt", "10",
+                "--num-steps", "10", "--num-steps-stop", "1", "--batch-size", "1", "--num-workers", "0"])
     (m,) = read_metrics(snapshot)
-    assert all(math.isfinite(v) for v in m.values())
-    # BCE-with-logits of a fresh discriminator is about ln 2 (LS-GAN gives about 0.5).
-    assert 0.6 < m["loss_D1"] < 0.8 and 0.6 < m["loss_D2"] < 0.8, m
+
+    def image(path: Path) -> torch.Tensor:  # --noaug on 96x64 files: the image itself, / 255
+        return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+    x_s = image(STEP / "gta5_one" / "images" / "00001.png")
+    x_t = image(next((STEP / "cityscapes_one" / "leftImg8bit" / "train").rglob("*.png")))
+    net = DecoupleNet(layer=1)
+    net.load_official(ckpt)
+    net.train()
+    d1, d2 = FCDiscriminator(256, ndf=32), FCDiscriminator(19, ndf=64)
+    d1.load_state_dict(ckpt["D1_state_dict"])
+    d2.load_state_dict(ckpt["D2_state_dict"])
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(t, size=(64, 96), mode="bilinear", align_corners=True)
+
+    with torch.no_grad():
+        f_s, f_t = net.source_stem(x_s), net.target_stem(x_t)
+        p_s = up(net.classifier(net.decode(f_s))) / 1.8
+        p_t = up(net.classifier(net.decode(f_t))) / 1.8
+        d1_s, d1_t = d1(up(f_s)), d1(up(f_t))
+        d2_s, d2_t = d2(F.softmax(p_s, 1)), d2(F.softmax(p_t, 1))
+    expected = {
+        "loss_adv_src": 0.1 * F.softplus(-d1_s).mean(),  # source stem pushed towards the target label 1
+        "loss_adv_tgt": 10 * F.softplus(d2_t).mean(),  # target output pushed towards the source label 0
+        "loss_D1": 0.5 * F.softplus(d1_s).mean() + 0.5 * F.softplus(-d1_t).mean(),
+        "loss_D2": 0.5 * F.softplus(d2_s).mean() + 0.5 * F.softplus(-d2_t).mean(),
+    }
+    swapped = {  # the same with the 0/1 labels exchanged
+        "loss_adv_src": 0.1 * F.softplus(d1_s).mean(),
+        "loss_adv_tgt": 10 * F.softplus(-d2_t).mean(),
+        "loss_D1": 0.5 * F.softplus(-d1_s).mean() + 0.5 * F.softplus(d1_t).mean(),
+        "loss_D2": 0.5 * F.softplus(-d2_s).mean() + 0.5 * F.softplus(d2_t).mean(),
+    }
+    for name, want in expected.items():
+        assert m[name] == pytest.approx(want.item(), rel=1e-5), (name, m[name], want.item())
+        # the check tells the labels apart: swapped, the value is off by 10x the tolerance or more
+        assert abs(swapped[name].item() - m[name]) > 1e-4 * abs(m[name]), (name, m[name], swapped[name].item())
 
 
 # ---------------------------------------------------------------------------- parity with the original

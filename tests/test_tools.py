@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from model import DecoupleNet
-from tests.helpers import REPO, filled_phase1_checkpoint
+from tests.helpers import REPO, filled_phase1_checkpoint, miou_by_hand
 
 SIZE = ["--tgt_img_size", "128,64", "--src_img_size", "128,64", "--resize", "128", "--rcrop", "64,32"]
 
@@ -26,15 +27,17 @@ def data(tmp_path_factory):
     return out
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_evaluate_counts_every_image_once_and_matches_direct_miou(data):
-    from datasets.cityscapes import CityscapesDataset
-    from utils.metrics import intersection_and_union, mean_iou
+    """evaluate.py on two gloo ranks (3 images: the original's padded sampler would count one twice)
+    against the mIoU written out by hand from the images and label PNGs (tests.helpers.miou_by_hand)."""
+    from PIL import Image
 
     net = DecoupleNet(layer=1)
     ckpt = data / "phase1.pth"
@@ -46,26 +49,27 @@ def test_evaluate_counts_every_image_once_and_matches_direct_miou(data):
     old_umask = os.umask(0o022)  # inherited by the script: its outputs must be 0644
     try:
         _run(["evaluate.py", "--cpu", "--quiet", "--resume", str(ckpt), "--tgt_rootpath", str(root), *SIZE,
-              "--num-workers", "0", "--batch_size_val", "2", "--snapshot-dir", str(out),
-              "--save_dir", str(out / "preds")])
+              "--num-workers", "0", "--batch_size_val", "2", "--dist", "--gpus", "0,1", "--snapshot-dir", str(out),
+              "--save_dir", str(out / "preds")], env={"OMP_NUM_THREADS": "1"})
     finally:
         os.umask(old_umask)
     written = [out / "results.json", out / "evaluate_args.json", *(out / "preds").rglob("*.png")]
     assert len(written) == 2 + 4 * 3
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     result = json.loads((out / "results.json").read_text())
-    ds = CityscapesDataset(str(root), split="val", img_size=(128, 64))
-    inter = union = 0
+    images = sorted((root / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))
+    label_ids, preds = [], []
     with torch.no_grad():
-        for i in range(len(ds)):
-            s = ds[i]
-            logits = net(s["img"][None].float() / 255)
-            up = torch.nn.functional.interpolate(logits, size=s["label"].shape, mode="bilinear", align_corners=True)
-            a, b, _ = intersection_and_union(up.argmax(1)[0], s["label"].long(), 19)
-            inter, union = inter + a.double(), union + b.double()
-    _, miou = mean_iou(inter.numpy(), union.numpy())
-    assert result["images"] == len(ds) == 3
-    assert result["miou"] == pytest.approx(miou, abs=1e-12)
+        for path in images:  # 128x64 files: no resize
+            x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+            logits = torch.nn.functional.interpolate(net(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+            preds.append(logits.argmax(1)[0].numpy())
+            label = path.parent.as_posix().replace("/leftImg8bit/", "/gtFine/")
+            label_ids.append(np.array(Image.open(Path(label) / path.name.replace("_leftImg8bit", "_gtFine_labelIds"))))
+    assert result["images"] == len(images) == 3
+    assert result["miou"] == pytest.approx(miou_by_hand(label_ids, preds), abs=1e-9)
+    # Counting one image twice (the padded sampler of the original) gives another number.
+    assert abs(miou_by_hand(label_ids + label_ids[:1], preds + preds[:1]) - result["miou"]) > 1e-6
     assert len(list((out / "preds" / "trainid").glob("*.png"))) == 3
     assert set(result["iou"]) >= {"road", "bicycle"}
 

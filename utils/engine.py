@@ -290,7 +290,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 250) -> Te
 
 
 # ---------------------------------------------------------------------------- network building
-def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False) -> DecoupleNet:
+def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False,
+                  checkpoint_hook: Callable[[dict], None] | None = None) -> DecoupleNet:
     """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
 
     ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
@@ -298,6 +299,8 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
     :class:`RunError` naming the flag. With ``--resume ''`` the stems and body come from the
     ImageNet file and the ASPP head, classifier and aux classifier keep their fresh
     initialisation (the original without ``--resume``).
+    ``checkpoint_hook``: called with the loaded ``--resume`` dict after the network took its
+    groups (phase 1 takes ``D1``/``D2`` from it).
     """
     net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
                       decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn)
@@ -305,8 +308,11 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
         LOG.info("weights come from the training state (--resume_from)")
     elif args.resume:
         require_resume_file(args)
-        layout = net.load_official(safe_load(args.resume), origin=args.resume)
+        ckpt = safe_load(args.resume)
+        layout = net.load_official(ckpt, origin=args.resume)
         LOG.info("weights from %s (%s layout)", args.resume, layout)
+        if checkpoint_hook is not None:
+            checkpoint_hook(ckpt)
     else:
         net.load_imagenet(args.imagenet)
         LOG.info("--resume is empty: backbone from ImageNet weights %s; ASPP head and classifier(s) "

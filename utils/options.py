@@ -1,7 +1,8 @@
 """Command-line options shared by every script (SPEC section 7).
 
-Every flag of the original keeps its name, default and meaning. Flags the original has but
-never reads are accepted and ignored (listed under "ignored" in ``--help``).
+Every flag of the original keeps its name, default and meaning, except ``--thresholds_path``
+of phase 2, which has no default (the original's ``avg`` names no file). Flags the original has
+but never reads are accepted and ignored (listed under "ignored" in ``--help``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ DEFAULTS = {
     "phase1": {"learning_rate": 2.5e-4, "num_steps": 93750, "num_steps_stop": 60000,
                "clrjit_params": "0.0,0.0,0.0,0.0", "resume": "./pretrained/sourceonly.pth"},
     "phase2": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
-               "clrjit_params": "0.5,0.5,0.5,0.2", "resume": ""},
-    "soft_label": {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,
-                   "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
+               "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"},
+    # The schedule and jitter flags are not used when writing soft labels; the values are the original's.
+    "soft_label": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                   "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"},
     "source_only": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
                     "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
     "evaluate": {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,

@@ -7,6 +7,8 @@ parameter and a single backward replaces the original's six (gradients are the s
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from model import DecoupleNet, FCDiscriminator, upsample
+from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
+from model.decouplenet import load_group_state
 from utils import distributed as du
 from utils.engine import (
     LOG,
@@ -49,6 +52,25 @@ def frozen(module: nn.Module, x: Tensor) -> Tensor:
     """
     params = {k: v.detach() for k, v in module.named_parameters()}
     return functional_call(module, params, (x,))
+
+
+def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin: str) -> list[str]:
+    """Load the ``<name>_state_dict`` groups of ``ckpt`` (``module.`` prefixes stripped) into
+    ``modules`` (``{"D1": d1, "D2": d2}``); returns the names loaded.
+
+    A file without them (a source-only file, or a phase-1 file of the original, which does not
+    save its discriminators) leaves those discriminators at their fresh initialisation.
+    """
+    loaded = []
+    for name, module in modules.items():
+        state = ckpt.get(f"{name}_state_dict")
+        if state is None:
+            continue
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{origin}: {name}_state_dict is not a state dict")
+        load_group_state(module, OrderedDict((k.removeprefix("module."), v) for k, v in state.items()), name, origin)
+        loaded.append(name)
+    return loaded
 
 
 class Phase1Objective(nn.Module):
@@ -97,9 +119,20 @@ class Phase1Stage(Stage):
 
     def build(self) -> None:
         args, env = self.args, self.env
-        net = build_network(args, decoupled=True, aux=True, skip_weights=self.resuming)
+        start: dict = {}  # the --resume file, kept only until the discriminators are built
+        net = build_network(args, decoupled=True, aux=True, skip_weights=self.resuming,
+                            checkpoint_hook=lambda ckpt: start.update(ckpt=ckpt))
         d1 = FCDiscriminator(net.stem_channels, ndf=32)
         d2 = FCDiscriminator(args.num_classes, ndf=64)
+        if start:
+            # A full phase-1 checkpoint of ours also starts both discriminators; any other file
+            # (source-only, the original's phase-1 files) leaves them freshly initialised.
+            loaded = load_discriminators(start.pop("ckpt"), {"D1": d1, "D2": d2}, args.resume)
+            fresh = [n for n in ("D1", "D2") if n not in loaded]
+            if loaded:
+                LOG.info("discriminators %s from %s", ", ".join(loaded), args.resume)
+            if fresh:
+                LOG.info("discriminators %s start fresh (not in %s)", ", ".join(fresh), args.resume)
         self.net = net.to(env.device)
         self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
                                              device=env.device)
@@ -119,6 +152,15 @@ class Phase1Stage(Stage):
                    args.learning_rate_D),
         }
         self.last_kept = torch.zeros((), device=env.device)
+
+    def official_state(self) -> dict:
+        """The official phase-1 groups plus ``aux_classifier``, ``D1`` and ``D2`` (the original's
+        loaders pick their groups by name and ignore these; ``--resume`` restores them)."""
+        out = self.net.official_state(phase=1)
+        for name, module in (("D1", self.d1), ("D2", self.d2)):
+            out[f"{name}_state_dict"] = OrderedDict(
+                (k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
+        return out
 
     def pseudo_labels(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Online pseudo labels at 1/8 (SPEC section 3 step 4).
