@@ -93,13 +93,18 @@ def source_train_dataset(args: Any, cache_dir: str | None = None):
                        num_classes=args.num_classes)
 
 
-def target_train_dataset(args: Any, soft_labels: bool = False, augment: bool = True) -> CityscapesDataset:
+def target_train_dataset(args: Any, soft_labels: bool = False, augment: bool = True,
+                         ground_truth: bool | None = None) -> CityscapesDataset:
+    """Cityscapes train; ``ground_truth`` (default: unless ``--no_pseudo_eval``) reads the
+    ``gtFine/train`` labels when all exist, for pseudo-label accuracy only."""
     require_root(args.tgt_rootpath, "--tgt_rootpath")
+    if ground_truth is None:
+        ground_truth = not getattr(args, "no_pseudo_eval", False)
     return CityscapesDataset(
         args.tgt_rootpath, split="train", img_size=args.tgt_img_size,
         augment=make_augment(args) if augment else None, seed=args.random_seed,
         soft_labels_folder=args.soft_labels_folder if soft_labels else None,
-        num_classes=args.num_classes,
+        num_classes=args.num_classes, train_labels=ground_truth,
     )
 
 

@@ -48,6 +48,12 @@ class CityscapesDataset(Dataset):
     parameters, and with ``soft_labels_folder`` the stored logits as ``soft_label``.
     ``split="val"`` / ``"test"`` give ``img`` resized to ``img_size`` and ``label`` (the
     encoded ``gtFine`` label at its own size; required for val, optional for test).
+    ``train_labels=True`` (train split) also reads the ``gtFine/train`` labels when *every*
+    train image has one (``has_labels``; ``labels_missing`` counts the images without):
+    the encoded label is resized (nearest) to ``img_size`` and goes through the same
+    augmentation call as its image (resize, crop, flip), as ``label``. It serves to measure
+    pseudo-label accuracy only (utils/pseudo_quality.py); the draws of the augmentation,
+    hence the images, are the same with or without it.
     Keys are ``int`` or ``(epoch, index)``; randomness is seeded from
     ``(seed, "target", epoch, index)``.
     """
@@ -63,6 +69,7 @@ class CityscapesDataset(Dataset):
         seed: int = 1234,
         soft_labels_folder: str | os.PathLike[str] | None = None,
         num_classes: int = 19,
+        train_labels: bool = False,
     ) -> None:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -92,6 +99,12 @@ class CityscapesDataset(Dataset):
                 lbl = self.label_path(f)
                 if not os.path.isfile(lbl):
                     raise DatasetError(f"{lbl}: label of image {f} not found")
+        self.has_labels = split == "val"
+        self.labels_missing = 0
+        if split == "train" and train_labels:
+            # all or nothing: ground truth for every train image, or for none
+            self.labels_missing = sum(not os.path.isfile(self.label_path(f)) for f in files)
+            self.has_labels = self.labels_missing == 0
         if self.soft_labels_folder is not None:
             require_dir(self.soft_labels_folder, "soft labels")
 
@@ -194,7 +207,10 @@ class CityscapesDataset(Dataset):
                 sample["label"] = torch.from_numpy(label)
         else:
             rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
-            sample = augment_or_whole(self.augment, img, None, rng, gen)
+            label = None
+            if self.has_labels:  # monitoring only (pseudo-label accuracy); never a training target
+                _, label = resize_pair(img, self.load_label(path, orig_hw), self.img_size)
+            sample = augment_or_whole(self.augment, img, label, rng, gen)
             sample["img_full"] = to_chw_tensor(np.asarray(img))
             if self.soft_labels_folder is not None:
                 sample["soft_label"] = self.load_soft_label(path)

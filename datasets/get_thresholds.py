@@ -14,8 +14,10 @@ original would write ``FOLDER/_thresholds_pP.npy`` inside the soft-label folder)
 absolute FOLDER gives ``FOLDER_thresholds_pP.npy`` next to it (the original prefixes ``./``,
 which turns ``/data/soft`` into ``./data/soft`` under the working directory). Also runs as
 ``python3 -m datasets.get_thresholds P FOLDER``; ``--output PATH`` chooses the file,
-``--num-classes`` the class count and ``--quiet`` hides the progress bars. The file is written
-atomically, with the permissions of an ordinary new file (0644 under umask 022).
+``--num-classes`` the class count and ``--quiet`` hides the progress bars and the printed
+lines. Printed after the file: per class, the threshold, the pixels whose argmax is the
+class and the fraction of them kept at ``P`` (winning probability >= threshold). The file is
+written atomically, with the permissions of an ordinary new file (0644 under umask 022).
 
 The rule (SPEC section 5): for every ``.npy`` logits file ``[C, H, W]``, softmax over the
 classes (float32, computed like ``scipy.special.softmax``), ``cls = argmax``,
@@ -254,7 +256,8 @@ def _class_label(c: int, num_classes: int) -> str:
     return str(c)
 
 
-def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: bool = True) -> np.ndarray:
+def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: bool = True,
+                       report: dict | None = None) -> np.ndarray:
     """Class thresholds of SPEC section 5 for the soft labels in ``folder``.
 
     Args:
@@ -264,6 +267,10 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
         num_classes: number of classes ``C``.
         progress: show a tqdm progress bar (one pass over the files; a second one only if
             the temporary cache cannot be written).
+        report: if given, filled with int64 ``[C]`` arrays ``"pixels"`` (pixels whose argmax
+            is the class) and ``"kept"`` (of those, the ones whose winning probability is
+            ``>= thr[c]``: what phase 2's rule would keep of the soft label alone), exact
+            counts (see :func:`format_report`).
 
     Returns:
         float32 ``[C]`` (the original's dtype: its pools hold float32 probabilities):
@@ -306,7 +313,14 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
             hist_lo[index] += counts
     finally:
         cache.close()
-    lo_bin, _ = _select(hist_lo.reshape(num_classes, _LO_BINS), want - above)
+    hist_lo = hist_lo.reshape(num_classes, _LO_BINS)
+    lo_bin, _ = _select(hist_lo, want - above)
+    if report is not None:
+        # kept = values in the higher high-bit bins + values of the chosen bin with low bits >= lo_bin
+        in_bin = np.cumsum(hist_lo[:, ::-1], axis=1)[:, ::-1]
+        kept = above + in_bin[np.arange(num_classes), lo_bin]
+        report["pixels"] = totals.astype(np.int64)
+        report["kept"] = np.where(totals > 0, kept, 0).astype(np.int64)
 
     bits = ((hi_bin.astype(np.uint32) << 16) | lo_bin.astype(np.uint32)).astype(np.uint32)
     thresholds = bits.view(np.float32).copy()
@@ -319,6 +333,28 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
             stacklevel=2,
         )
     return thresholds
+
+
+def format_report(thresholds: np.ndarray, report: dict, p: float) -> str:
+    """Per class: threshold, pixels won (share of all pixels), fraction of them kept at ``P``.
+
+    Ties at the threshold (e.g. many probabilities of exactly 1.0) make a class keep more
+    than ``P`` of its pixels; a class that never wins keeps none.
+    """
+    num_classes = len(thresholds)
+    pixels, kept = report["pixels"], report["kept"]
+    total = max(int(pixels.sum()), 1)
+    names = [_class_label(c, num_classes) for c in range(num_classes)]
+    width = max(len("class"), *(len(n) for n in names))
+    lines = [f"per-class thresholds at P={p} (kept: winning probability >= threshold)",
+             f"{'class':<{width}}  {'threshold':>9}  {'pixels':>12}  {'share':>7}  {'kept':>7}"]
+    for c in range(num_classes):
+        frac = f"{100.0 * kept[c] / pixels[c]:6.2f}%" if pixels[c] else f"{'-':>7}"
+        lines.append(f"{names[c]:<{width}}  {thresholds[c]:9.4f}  {int(pixels[c]):12d}  "
+                     f"{100.0 * pixels[c] / total:6.2f}%  {frac}")
+    lines.append(f"{'all':<{width}}  {'':>9}  {int(pixels.sum()):12d}  {100.0:6.2f}%  "
+                 f"{100.0 * kept.sum() / total:6.2f}%")
+    return "\n".join(lines)
 
 
 def default_output_name(folder: str, p: float) -> str:
@@ -366,13 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="output file (default: ./<FOLDER>_thresholds_p<P>.npy relative to the working directory, as the original)"
     )
     parser.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, nothing printed on success")
     args = parser.parse_args(argv)
     output = args.output if args.output is not None else default_output_name(args.folder, args.p)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            thresholds = compute_thresholds(args.folder, args.p, args.num_classes, progress=not args.quiet)
+            report: dict = {}
+            thresholds = compute_thresholds(args.folder, args.p, args.num_classes, progress=not args.quiet,
+                                            report=report)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         _atomic_save(output, thresholds.astype(np.float32, copy=False))
@@ -384,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(f"saved {output}: " + " ".join(f"{v:.4f}" for v in thresholds))
+        print(format_report(thresholds, report, args.p))
     return 0
 
 

@@ -125,13 +125,56 @@ def test_readme_chain_files_have_ordinary_modes(chain) -> None:
     assert np.load(chain["thresholds"]).dtype == np.float32
 
 
+def test_readme_chain_reports_pseudo_label_quality(chain, synthetic_data) -> None:
+    """The synthetic target train images have ground truth: every stage reports against it."""
+    import torch.nn.functional as F
+
+    from datasets.cityscapes import CityscapesDataset, soft_label_name
+    from tests.conftest import IMG_H, IMG_W
+    from utils.metrics import intersection_and_union, mean_iou
+
+    # phases 1 and 2: pseudo_acc on every iteration, in [0, 1], over the scored pixels
+    for snap in (chain["phase1_ckpt"].parent, chain["phase2_snapshot"]):
+        for m in read_metrics(snap):
+            assert m["pseudo_acc_pixels"] > 0 and 0.0 <= m["pseudo_acc"] <= 1.0, (snap.name, m)
+    for proc in (chain["phase1"], chain["phase2"]):
+        assert "it never reaches a loss" in proc.stdout and "pseudo_acc = " in proc.stdout
+    # soft labels: the logged mIoU of their argmax is the validation rule on the written files
+    out = chain["generate"].stdout
+    assert "soft labels (argmax) vs train ground truth" in out, out
+    logged = float(re.findall(r"^mIoU\s+([0-9.]+)$", out, re.MULTILINE)[-1])
+    ds = CityscapesDataset(synthetic_data["cityscapes"], "train", img_size=(IMG_W, IMG_H), train_labels=True)
+    inter = union = 0
+    for i, path in enumerate(ds.files):
+        label = ds[i]["label"].long()
+        logits = torch.from_numpy(np.load(chain["soft"] / soft_label_name(path)))[None]
+        pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=True).argmax(1)[0]
+        i_, u_, _ = intersection_and_union(pred, label, 19)
+        inter, union = inter + i_, union + u_
+    assert logged == pytest.approx(100 * mean_iou(inter, union)[1], abs=0.006)
+    # thresholds: the per-class report
+    report = chain["thresholds_cmd"].stdout
+    assert "per-class thresholds at P=0.8" in report and re.search(r"^all\s+\d+\s+100.00%\s+[0-9.]+%$", report,
+                                                                   re.MULTILINE), report
+
+
 # ---------------------------------------------------------------------------- phase 2 on its own
 def phase2_args(data, soft: Path, thresholds: Path, resume: Path, snapshot: Path, *extra) -> list:
     return ["train_phase2.py", *tiny_args(data), "--soft_labels_folder", soft, "--thresholds_path", thresholds,
             "--resume", resume, "--snapshot-dir", snapshot, *extra]
 
 
-# Phase 2 on two gloo ranks: tests/test_step_parity.py (against the original's numbers).
+def test_phase2_two_process_gloo_ddp(synthetic_data, fake_soft, sourceonly_ckpt, tmp_path) -> None:
+    soft, thresholds = fake_soft
+    snap = tmp_path / "ddp"
+    proc = run_script(phase2_args(synthetic_data, soft, thresholds, sourceonly_ckpt, snap, "--dist", "--gpus", "0,1",
+                                  "--batch-size", "2", "--num-workers", "0", "--num-steps", "2",
+                                  "--num-steps-stop", "2"), env=ONE_LINE_ENV)
+    assert "rank 0/2" in proc.stdout
+    assert set(load(snap / "GTA5_2.pth")) == PHASE2_GROUPS
+    assert [m["iter"] for m in read_metrics(snap)] == [0, 1]
+    # pseudo-label accuracy over both ranks: one crop of 64x32 each, thresholds 0.3 keep some
+    assert all(0 < m["pseudo_acc_pixels"] <= 2 * 64 * 32 and m["pseudo_acc"] is not None for m in read_metrics(snap))
 
 
 def test_phase2_resume_is_bit_identical(synthetic_data, fake_soft, sourceonly_ckpt, tmp_path) -> None:

@@ -488,6 +488,7 @@ class Stage:
     name = "stage"
     official_phase = 1
     checkpoint_prefix = "GTA5"
+    pseudo_monitor: Any = None  # utils.pseudo_quality.PseudoLabelMonitor when target ground truth exists
 
     def __init__(self, args: Any, env: du.DistEnv) -> None:
         self.args = args
@@ -672,6 +673,7 @@ class Trainer:
         args, env, stage = self.args, self.env, self.stage
         stop = args.num_steps_stop
         batches = stage.batches(self.start_iter)
+        monitor = stage.pseudo_monitor  # set by batches()/build() when the target ground truth exists
         bar = progress(total=stop, initial=self.start_iter, desc=stage.name, env=env, quiet=args.quiet)
         t0 = time.time()
         fault = injected_fault()  # tests only ($DECOUPLENET_FAULT, see utils.checkpoint)
@@ -700,6 +702,7 @@ class Trainer:
             values = torch.stack([sums[k] for k in names])
             du.all_reduce_sum(values)
             values = (values / env.world_size).cpu()
+            quality = monitor.collect() if monitor is not None else {}  # pseudo_acc (ground truth: monitoring only)
             self.check_finite(values, names, it)
             for opt, _ in stage.optimizers.values():
                 self.scaler.step(opt)
@@ -707,15 +710,19 @@ class Trainer:
             bar.update(1)
             logged = dict(zip(names, values.tolist()))
             if env.is_main:
-                self.append_metrics(it, logged)
+                self.append_metrics(it, {**logged, **quality})
                 if self.writer is not None and it % 10 == 0:
                     for k, v in logged.items():
                         self.writer.add_scalar(f"train/{k}", v, it)
                     for k, (opt, _) in stage.optimizers.items():
                         self.writer.add_scalar(f"lr/{k}", opt.param_groups[0]["lr"], it)
                     stage.tensorboard_extra(self.writer, it)
+                    if monitor is not None:
+                        monitor.tensorboard(self.writer, it)
                 if it % args.print_every == 0:
                     text = ", ".join(f"{k} = {v:.5f}" for k, v in logged.items() if k != "total")
+                    if monitor is not None:
+                        text += ", " + monitor.console_text()
                     bar.set_postfix_str(text[:80])
                     LOG.info("iter = %8d/%8d, %s (%.2fs/it)", it, args.num_steps, text,
                              (time.time() - t0) / max(1, it - self.start_iter + 1))

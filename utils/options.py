@@ -102,6 +102,11 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--noshuffle", action="store_true")
     g.add_argument("--no_droplast", action="store_true", help="accepted; our sample stream never drops")
     g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images with a warning")
+    g.add_argument("--no_pseudo_eval", action="store_true",
+                   help="do not read the Cityscapes train ground truth (gtFine/train). When every train image "
+                        "has one, the target ground truth is read only to measure pseudo-label accuracy "
+                        "(pseudo_acc in metrics.jsonl, phases 1 and 2) and the soft labels' mIoU; it never "
+                        "reaches a loss")
     g = p.add_argument_group("model")
     g.add_argument("--num-classes", dest="num_classes", type=int, default=19)
     g.add_argument("--ignore-label", dest="ignore_label", type=int, default=250)

@@ -176,20 +176,26 @@ class Phase1Stage(Stage):
         keep = conf >= thresholds[pred]
         labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
         self.last_kept = keep.float().mean()
+        self.last_pseudo = labels  # for the pseudo-label accuracy (utils/pseudo_quality.py)
         return labels, self.last_kept
 
     def batches(self, start_iter: int):
         from datasets.build import source_train_dataset, target_train_dataset
+        from utils.pseudo_quality import make_monitor
 
         args = self.args
-        return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir),
-                                   target_train_dataset(args))
+        target = target_train_dataset(args)
+        self.pseudo_monitor = make_monitor(target, args, self.env, LOG)
+        return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir), target)
 
     def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
         src, tgt = batch
         y_s = to_device_label(src["label"], self.env.device)
         with autocast(self.args, self.env.device):
-            return self.model(self.image(src), y_s, self.image(tgt))
+            losses = self.model(self.image(src), y_s, self.image(tgt))
+        if self.pseudo_monitor is not None:  # the aux classifier's labels (stride 8) vs the crop's ground truth
+            self.pseudo_monitor.observe_stride8(self.last_pseudo, to_device_label(tgt["label"], self.env.device))
+        return losses
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         from datasets.labels import class_names

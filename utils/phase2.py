@@ -74,7 +74,9 @@ class Phase2Objective(nn.Module):
         loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, a.ignore_label)
         total = a.src_loss_weight * loss_src + loss_seg
         kept = (pseudo != a.ignore_label).float().mean()
-        return {"total": total, "loss_src_seg": loss_src, "loss_seg": loss_seg, "pseudo_kept": kept}
+        # pseudo_labels: not a loss; Phase2Stage.step takes it out (pseudo-label accuracy)
+        return {"total": total, "loss_src_seg": loss_src, "loss_seg": loss_seg, "pseudo_kept": kept,
+                "pseudo_labels": pseudo}
 
 
 class Phase2Stage(Stage):
@@ -89,6 +91,9 @@ class Phase2Stage(Stage):
         from datasets.build import target_train_dataset
 
         self.target_set = target_train_dataset(args, soft_labels=True)
+        from utils.pseudo_quality import make_monitor
+
+        self.pseudo_monitor = make_monitor(self.target_set, args, env, LOG)
         w, h = args.tgt_img_size
         self.target_set.check_soft_labels(args.num_classes, (h // 8 + (h % 8 > 0), w // 8 + (w % 8 > 0)))
         net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
@@ -113,8 +118,12 @@ class Phase2Stage(Stage):
         y_s = to_device_label(src["label"], dev)
         soft = tgt["soft_label"].to(dev, non_blocking=True)
         with autocast(self.args, dev):
-            return self.model(self.image(src), y_s, self.image(tgt), self.image(tgt, "img_full"), soft,
-                              tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
+            losses = self.model(self.image(src), y_s, self.image(tgt), self.image(tgt, "img_full"), soft,
+                                tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
+        pseudo = losses.pop("pseudo_labels")
+        if self.pseudo_monitor is not None:  # the fused labels vs the crop's ground truth
+            self.pseudo_monitor.observe(pseudo, to_device_label(tgt["label"], dev))
+        return losses
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         if it == 0 or it % 1000 == 0:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from datasets.cityscapes import soft_label_name
+from model import upsample
 from utils import distributed as du
 from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
 from utils.engine import (
@@ -20,8 +21,11 @@ from utils.engine import (
     per_rank,
     progress,
     to_device_image,
+    to_device_label,
     workers_per_rank,
 )
+from utils.metrics import format_iou_table, intersection_and_union, mean_iou
+from utils.pseudo_quality import all_ranks_agree
 
 
 def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
@@ -32,6 +36,13 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     Every image is written exactly once over all ranks (no padded sampler); each file is written
     atomically, so an interrupted run never leaves a partial file under a final name and
     ``--skip_existing`` can continue it. Returns the number of files written by this rank.
+
+    When every train image has ground truth (``gtFine/train``; not read with
+    ``--no_pseudo_eval``) the log also gets the mIoU of the soft labels' argmax against it, per
+    class, by the validation's rule: the logits upsampled bilinearly (``align_corners=True``)
+    to the label's size (the train label resized, nearest, to ``--tgt_img_size``: its own size
+    on Cityscapes), argmax, intersections and unions summed over the images written in this
+    run and over the ranks. Monitoring only: the soft labels do not depend on it.
     """
     from datasets.build import shard_loader, target_train_dataset
 
@@ -54,6 +65,14 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                          if not os.path.isfile(os.path.join(args.output_folder, soft_label_name(p)))]
         LOG.info("--skip_existing: %d of %d soft labels already there", total - len(dataset.files), total)
     net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
+    with_gt = all_ranks_agree(dataset.has_labels, env)
+    if with_gt:
+        LOG.info("soft-label mIoU: the train ground truth is read only to measure the soft labels; they do not "
+                 "depend on it (--no_pseudo_eval turns it off)")
+    elif not args.no_pseudo_eval:
+        LOG.info("no soft-label mIoU: ground truth missing for %d of %d train images", dataset.labels_missing, total)
+    inter = torch.zeros(args.num_classes, dtype=torch.float64, device=env.device)
+    union = torch.zeros_like(inter)
     dtype = np.float16 if args.soft_label_dtype == "float16" else np.float32
     written = 0
     t0 = time.time()
@@ -65,6 +84,12 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                 x = to_device_image(batch["img"], env.device)
                 with inference_autocast(args, env.device):
                     logits = net(x)
+                if with_gt:
+                    label = to_device_label(batch["label"], env.device)
+                    pred = upsample(logits.float(), label.shape[-2:]).argmax(1)
+                    i, u, _ = intersection_and_union(pred, label, args.num_classes, args.ignore_label)
+                    inter += i.to(inter)
+                    union += u.to(union)
                 logits = logits.float().cpu().numpy()
                 for path, arr in zip(batch["path"], logits):
                     out = os.path.join(args.output_folder, soft_label_name(path))
@@ -77,4 +102,13 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     du.all_reduce_sum(count)
     LOG.info("soft labels: %d files written to %s in %.1fs (%d already present)", int(count), args.output_folder,
              time.time() - t0, total - len(dataset.files))
+    if with_gt:
+        du.all_reduce_sum(inter)
+        du.all_reduce_sum(union)
+        if int(count) > 0:
+            from datasets.labels import class_names
+
+            iou, miou = mean_iou(inter, union)
+            LOG.info("soft labels (argmax) vs train ground truth, %d images (monitoring only):\n%s", int(count),
+                     format_iou_table(iou, class_names(args.num_classes), miou))
     return written
