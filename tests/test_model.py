@@ -209,3 +209,27 @@ def test_imagenet_start_keeps_the_fresh_head(tmp_path):
     # a source-only start point (no aux group) copies the classifier into the aux classifier
     net.load_official(filled_sourceonly_checkpoint(layer=1))
     assert torch.equal(net.aux_classifier.weight, net.classifier.weight)
+
+
+def test_discriminators_load_from_a_full_phase1_file():
+    """``D1_state_dict`` / ``D2_state_dict`` of a phase-1 file (``module.`` prefixes or not) go into
+    the discriminators; a file without them loads nothing; a bad key is one error naming it."""
+    from tests.helpers import filled_full_phase1_checkpoint, with_module_prefix
+    from utils.phase1 import load_discriminators
+
+    ckpt = filled_full_phase1_checkpoint(1)
+    for source in (ckpt, with_module_prefix(ckpt)):
+        d1, d2 = FCDiscriminator(256, 32), FCDiscriminator(19, 64)
+        assert load_discriminators(source, {"D1": d1, "D2": d2}, "f.pth") == ["D1", "D2"]
+        for name, d in (("D1", d1), ("D2", d2)):
+            for key, value in d.state_dict().items():
+                assert torch.equal(value, ckpt[f"{name}_state_dict"][key]), f"{name}/{key}"
+    d1 = FCDiscriminator(256, 32)
+    fresh = {k: v.clone() for k, v in d1.state_dict().items()}
+    assert load_discriminators(filled_sourceonly_checkpoint(1), {"D1": d1}, "so.pth") == []
+    assert all(torch.equal(v, d1.state_dict()[k]) for k, v in fresh.items())
+    bad = {"D2_state_dict": {k: v for k, v in ckpt["D2_state_dict"].items() if k != "conv3.bias"}}
+    with pytest.raises(CheckpointError, match=r"bad\.pth: missing key D2/conv3\.bias"):
+        load_discriminators(bad, {"D2": FCDiscriminator(19, 64)}, "bad.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatch for D1/conv1\.weight"):  # a --layer 2 D1
+        load_discriminators(ckpt, {"D1": FCDiscriminator(512, 32)}, "l2.pth")

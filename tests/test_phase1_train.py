@@ -51,6 +51,7 @@ def run_a(synthetic_data, sourceonly_ckpt, tmp_path_factory):
 def test_single_process_outputs(run_a) -> None:
     snapshot, proc = run_a
     assert proc.returncode == 0
+    assert "discriminators D1, D2 start fresh" in proc.stdout  # a source-only start has none
     for name in ("GTA5_4.pth", "latest.pth", "phase1.log", "phase1_args.json", "metrics.jsonl"):
         assert (snapshot / name).is_file(), f"{name} missing; have {sorted(p.name for p in snapshot.iterdir())}"
     best = sorted(p.name for p in snapshot.glob("GTA5_2_*.pth"))
@@ -112,18 +113,21 @@ def test_resume_is_bit_identical(run_a, synthetic_data, sourceonly_ckpt, tmp_pat
 
 
 # ---------------------------------------------------------------------------- DDP, options
-def test_two_ranks_average_their_class_thresholds(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+def test_two_ranks_average_their_class_thresholds(synthetic_data, tmp_path) -> None:
     """Two gloo ranks that see different target crops: after one iteration the class thresholds
     are the mean of what each rank computes alone (its own class banks, then all-reduce / world
     size). Each rank's crop is rebuilt from its stream key; its thresholds come from the start
     weights (train-mode BatchNorm on that crop, as in the run) through utils.thresholds."""
     from datasets.build import target_train_dataset
     from datasets.sampler import StreamSampler
+    from tests.helpers import filled_sourceonly_checkpoint, well_conditioned
     from utils.options import parse_args
     from utils.thresholds import OnlineClassThresholds
 
+    start = tmp_path / "sourceonly_wc.pth"  # well conditioned: confidences to ~1e-7 whatever the thread count
+    torch.save(well_conditioned(filled_sourceonly_checkpoint(1)), start)
     snapshot = tmp_path / "ddp"
-    argv = phase1_args(synthetic_data, sourceonly_ckpt, snapshot, "--dist", "--gpus", "0,1", "--batch-size", "2",
+    argv = phase1_args(synthetic_data, start, snapshot, "--dist", "--gpus", "0,1", "--batch-size", "2",
                        "--num-workers", "0", "--num-steps", "2", "--num-steps-stop", "1", "--print-every", "1")
     proc = run_script(argv, env=ONE_LINE_ENV)
     assert "rank 0/2" in proc.stdout
@@ -138,7 +142,7 @@ def test_two_ranks_average_their_class_thresholds(synthetic_data, sourceonly_ckp
     args = parse_args("phase1", "", [str(a) for a in argv[1:]])
     dataset = target_train_dataset(args)
     net = DecoupleNet(layer=1)
-    net.load_official(torch.load(sourceonly_ckpt, map_location="cpu", weights_only=True))
+    net.load_official(torch.load(start, map_location="cpu", weights_only=True))
     net.train()
     alone, indices = [], []
     for rank in range(2):
