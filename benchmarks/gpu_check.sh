@@ -2,7 +2,8 @@
 # One prepared GPU check for a lent machine (see README "Benchmarks"): phase-1 and phase-2 steps at
 # the paper's per-GPU setting (896x512 crop, batch 2), fp16 and bf16, channels_last on/off; seconds
 # per iteration, peak memory, TFLOP/s (torch.utils.flop_counter) and MFU against a measured bf16
-# matmul peak; the online-threshold update on the GPU; --compile. Timeouts bound it to under 8 minutes.
+# matmul peak; the online-threshold update on the GPU; --compile. Timeouts bound it to under 8 minutes,
+# then benchmarks/gpu_ddp_check.sh (DDP kill-and-restart with NCCL) to under 12 in all.
 #   bash benchmarks/gpu_check.sh            # writes ${OUT:-.}/gpu_check.txt too
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +37,4 @@ timeout 30 $PY benchmarks/bench_thresholds_online.py --device cuda --repeats 5
 timeout 100 $PY benchmarks/bench_step.py --device cuda --crop 896,512 --batch 2 --amp bf16 --channels_last \
     --compile --iters 5 --warmup 3 --phase 1
 } 2>&1 | tee "$LOG"
+bash benchmarks/gpu_ddp_check.sh

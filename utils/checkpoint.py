@@ -27,16 +27,34 @@ from utils.files import create_temp_file
 #   enospc:PATTERN[:N]              OSError(ENOSPC) after the temporary file is created
 #   kill_at_iter:K / nan_at_iter:K  (utils.engine.Trainer) SIGKILL at the start of iteration K /
 #                                   total loss times NaN at iteration K
+# Under DDP ``DECOUPLENET_FAULT_RANK=R`` limits the fault to rank R (default: every rank). Under
+# torchrun a fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so that
+# the restarted group can finish.
 FAULT_ENV = "DECOUPLENET_FAULT"
+FAULT_RANK_ENV = "DECOUPLENET_FAULT_RANK"
 _fault_writes = [0]  # atomic writes that matched the file pattern so far
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 @functools.lru_cache(maxsize=1)
 def injected_fault() -> tuple[str, str, int] | None:
-    """``(kind, arg, n)`` parsed once from ``$DECOUPLENET_FAULT``, or ``None``."""
+    """``(kind, arg, n)`` parsed once from ``$DECOUPLENET_FAULT``, or ``None`` (also when the
+    fault targets another rank, or this is a torchrun restart)."""
     kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
     arg, _, n = rest.partition(":")
-    return (kind, arg, int(n or 1)) if kind else None
+    if not kind or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    target = os.environ.get(FAULT_RANK_ENV, "")
+    if target and int(target) != _process_rank():
+        return None
+    return kind, arg, int(n or 1)
 
 
 def _file_fault(path: str) -> str | None:

@@ -1,10 +1,28 @@
-"""Distributed helpers: one process, ``--dist --gpus`` spawning, or ``torchrun`` (``env://``)."""
+"""Distributed helpers: one process, ``--dist --gpus`` spawning, or ``torchrun`` (``env://``).
+
+Failure handling (see README "Reliability"):
+
+* every collective has a timeout (``--dist_timeout``), so a rank that stops answering ends the
+  job instead of hanging it;
+* under single-node ``torchrun`` the process group's keys live under a per-restart prefix, so a
+  restarted group never reads the addresses of the previous attempt's (dead) workers;
+* DataLoader workers die with their rank (``PR_SET_PDEATHSIG``), so a killed rank closes its
+  sockets and pipes at once and its peers and the launcher notice;
+* a spawned rank that dies or fails is reported by :func:`launch` as a :class:`RankFailure`.
+"""
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import ctypes
+import datetime
 import os
+import pickle
+import re
+import signal
 import socket
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,21 +61,184 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+DEFAULT_TIMEOUT_S = 300.0  # --dist_timeout: longest wait of one rank for the others in a collective
+
+
+class RankFailure(RuntimeError):
+    """A spawned rank died (``signal_name``), exited non-zero (``exit_code``) or raised (``traceback``).
+
+    Raised by :func:`launch` once every rank has ended. ``tracebacks`` holds every rank's
+    traceback (empty where none), for the user-error line of any rank.
+    """
+
+    def __init__(self, rank: int, exit_code: int | None = None, signal_name: str | None = None,
+                 traceback: str = "", tracebacks: list[str] | None = None, peer_lost: bool = False) -> None:
+        self.rank, self.exit_code, self.signal_name = rank, exit_code, signal_name
+        self.traceback = traceback
+        self.tracebacks = tracebacks or []
+        self.peer_lost = peer_lost
+        if signal_name:
+            what = f"was killed by {signal_name}"
+        elif peer_lost:
+            what = "lost contact with the other ranks (one stopped answering within --dist_timeout)"
+        elif exit_code is not None:
+            what = f"exited with code {exit_code}"
+        else:
+            what = "failed"
+        super().__init__(f"rank {rank} {what}")
+
+    def describe(self) -> str:
+        """``rank R was killed by SIGKILL (possibly out of memory)`` and the like."""
+        text = str(self)
+        if self.signal_name == "SIGKILL":
+            text += " (possibly out of memory)"
+        return text
+
+
+class PeerLost(RuntimeError):
+    """This rank lost contact with the process group (a peer died, hung or timed out)."""
+
+
+EXIT_PEER_LOST = 75  # exit code of a spawned rank whose peer failed (not itself the cause)
+
+# How gloo / NCCL / the store report a peer that died or stopped answering (plain RuntimeErrors
+# from the transport, DistErrors from the store and the NCCL watchdog).
+_PEER_FAILURE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection refused|connectFullMesh"
+    r"|[Tt]imed out|[Tt]imeout|NCCL (?:error|communicator was aborted)|remote process exited|ProcessGroup.*(?:abort|shut)",
+)
+
+
+def peer_failure(exc: BaseException) -> PeerLost | None:
+    """``exc`` as a :class:`PeerLost` if it says another rank died or stopped answering."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(exc, PeerLost):
+        return exc
+    if isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and _PEER_FAILURE.search(str(exc))):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return PeerLost(first[:300])
+    return None
+
+
+def _signal_name(code: int | None) -> str | None:
+    """``SIGKILL`` for an exit code of -9, ``None`` for a normal exit."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _read_traceback(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return ""
+
+
+def _join_spawned(ctx: Any, grace_s: float = 10.0) -> None:
+    """Wait for every spawned rank; on the first failure stop the others and raise :class:`RankFailure`.
+
+    The culprit is decided from the exit codes seen *before* the others are stopped: a rank
+    killed by a signal (out-of-memory killer, a user) is preferred over a rank that exited
+    because it lost its peers (:data:`EXIT_PEER_LOST`).
+    """
+    import multiprocessing.connection
+
+    procs = ctx.processes
+    sentinels = {p.sentinel: i for i, p in enumerate(procs)}
+    failed = None
+    while sentinels and failed is None:
+        for sentinel in multiprocessing.connection.wait(list(sentinels)):
+            i = sentinels.pop(sentinel)
+            procs[i].join()
+            if procs[i].exitcode != 0 and failed is None:
+                failed = i
+    if failed is None:
+        return
+    seen = [p.exitcode for p in procs]  # None: still running when the failure was seen
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(grace_s)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    tracebacks = [_read_traceback(path) for path in ctx.error_files]
+    killed = [i for i, code in enumerate(seen) if code is not None and code < 0]
+    failing = [i for i, code in enumerate(seen) if code not in (None, 0, EXIT_PEER_LOST)]
+    if killed:
+        failed = killed[0]
+    elif failing and failed not in failing:
+        failed = failing[0]
+    code = seen[failed]
+    if code == EXIT_PEER_LOST:
+        raise RankFailure(failed, code, None, "", tracebacks, peer_lost=True)
+    raise RankFailure(failed, code, _signal_name(code), tracebacks[failed], tracebacks)
+
+
 def launch(worker: Callable[[int, Any], None], args: Any) -> None:
     """Run ``worker(spawn_rank, args)`` once per process.
 
     * ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment): this process is one rank.
-    * ``--dist``: spawn one process per entry of ``--gpus`` on a free loopback port.
+    * ``--dist``: spawn one process per entry of ``--gpus`` on a free loopback port. When a rank
+      fails, the others are stopped (SIGTERM) and :class:`RankFailure` names the rank.
     * otherwise: a single process (first GPU of ``--gpus``, or the CPU with ``--cpu``).
     """
     if under_torchrun() or not getattr(args, "dist", False) or len(args.gpus) == 1:
         worker(-1, args)
         return
     args.dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    # When one rank fails, torch logs "Terminating process N via signal SIGTERM" for its peers
-    # before re-raising; keep a user error to its one line (the exception itself is not hidden).
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    mp.spawn(worker, nprocs=len(args.gpus), args=(args,), join=True)
+    if not getattr(args, "debug", False):
+        # A killed rank cannot release its semaphores; the resource tracker cleans them up and
+        # says so on stderr. Its own process inherits this filter (it takes the -W flags).
+        rule = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if rule not in sys.warnoptions:
+            sys.warnoptions.append(rule)
+    ctx = mp.start_processes(worker, args=(args,), nprocs=len(args.gpus), join=False, start_method="spawn")
+    _join_spawned(ctx)
+
+
+def die_with_parent(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoaders: SIGKILL this process when its parent (the rank) dies.
+
+    Without it the workers of a killed rank live on for seconds, holding the rank's sockets and
+    its launcher's exit pipe open, so neither the peers nor ``mp.spawn`` see the death. Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _store_for_attempt(rank: int, world: int, timeout: datetime.timedelta):
+    """The ``env://`` store, under a prefix naming the torchrun restart on a single node.
+
+    torchrun keeps one TCPStore for the whole job (its agent's) and every restarted group
+    writes the same keys as the one before. gloo then may read a dead worker's address left by
+    the previous attempt when the restarted peer has not yet replaced it: ``Gloo
+    connectFullMesh failed ... Connection refused``, while the other ranks wait for it. A
+    prefix per restart keeps each attempt's keys apart. On several nodes each agent counts its
+    own restarts (a node restarted for another node's failure does not count it), so the count
+    is not a safe common name there and the store is used as torch gives it.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    store.set_timeout(timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return store
+    return dist.PrefixStore(f"decouplenet/attempt_{attempt}", store)
 
 
 def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
@@ -84,15 +265,31 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", init_method=init_method, world_size=world, rank=rank
-        )
+        timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S))
+        backend = "nccl" if use_cuda else "gloo"
+        if init_method == "env://":
+            store = _store_for_attempt(rank, world, timeout)
+            dist.init_process_group(backend=backend, store=store, world_size=world, rank=rank, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank,
+                                    timeout=timeout)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abandon() -> None:
+    """After a failed collective: forget the process group without talking to the peers.
+
+    ``destroy_process_group`` may wait on the dead peers; the process is about to exit anyway.
+    """
+    if dist.is_available() and dist.is_initialized():
+        with warnings.catch_warnings(), contextlib.suppress(Exception):  # the group is broken anyway
+            warnings.simplefilter("ignore")
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -112,6 +309,18 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` as a list on rank 0 (``None`` on the others); ``[obj]`` in one process.
+
+    Objects travel pickled; keep their tensors on the CPU.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+    return [obj]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,31 +65,72 @@ def _user_message(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
-    """Launch ``worker`` (see :func:`utils.distributed.launch`) turning user errors into one line.
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this process with ``--resume_from auto`` (replacing any ``--resume_from``)."""
+    import shlex
 
-    Returns the process exit code: 0, or 2 for a user error (no traceback unless ``--debug``).
+    if argv is None:
+        argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume_from":
+            skip = True
+        elif not arg.startswith("--resume_from="):
+            out.append(arg)
+    return shlex.join([*out, "--resume_from", "auto"])
+
+
+def _continue_hint() -> str:
+    if du.under_torchrun():
+        return "continue with the same torchrun command and --resume_from auto"
+    return f"continue with: {resume_command()}"
+
+
+def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
+    """Launch ``worker`` (see :func:`utils.distributed.launch`) turning failures into one line.
+
+    Returns the process exit code: 0; 2 for a user error; 1 when a rank died or lost its peers
+    (the line names the rank, the signal and the command that continues the run). No traceback
+    unless ``--debug``.
     Files named on the command line that every rank needs (``--resume``) are checked first, before
     anything is written.
     """
+    debug = getattr(args, "debug", False)
     try:
         check_start_files(args)
         du.launch(worker, args)
     except USER_ERRORS as exc:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         text = str(exc)
         if "Original Traceback" in text:  # raised in a DataLoader worker
             text = _user_message(text) or text.strip().splitlines()[0]
         print(f"error: {text}", file=sys.stderr)
         return 2
-    except Exception as exc:  # mp.spawn wraps child errors: recover their one-line message
-        if not getattr(args, "debug", False) and "ProcessRaisedException" in type(exc).__name__:
-            message = _user_message(str(exc))
+    except du.RankFailure as exc:  # a spawned rank (--dist) failed
+        if debug:
+            for rank, tb in enumerate(exc.tracebacks):
+                if tb:
+                    print(f"-- rank {rank}:\n{tb}", file=sys.stderr)
+            raise
+        for tb in [exc.traceback, *exc.tracebacks]:  # a user error in any rank: its one line
+            message = _user_message(tb) if tb else None
             if message:
                 print(f"error: {message}", file=sys.stderr)
                 return 2
-        raise
+        if exc.traceback:  # a bug in that rank: its traceback, as if it had run here
+            print(f"{exc.traceback.rstrip()}\nerror: {exc}", file=sys.stderr)
+            return 1
+        print(f"error: {exc.describe()}; {_continue_hint()}", file=sys.stderr)
+        return 1
+    except du.PeerLost as exc:  # this rank (torchrun) lost the other ranks
+        rank = os.environ.get("RANK", "?")
+        print(f"error: rank {rank} lost contact with the other ranks, one of them probably died ({exc}); "
+              f"{_continue_hint()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -97,6 +139,16 @@ def _run_guarded(fn: Callable[[du.DistEnv, Any], None], spawn_rank: int, args: A
     try:
         args.world_size = env.world_size
         fn(env, args)
+    except RuntimeError as exc:
+        lost = du.peer_failure(exc)
+        if lost is None:
+            raise
+        du.abandon()  # the peers are gone: do not wait for them
+        if getattr(args, "debug", False):
+            raise
+        if spawn_rank >= 0:  # a victim of another rank's failure: the launcher names the culprit
+            sys.exit(du.EXIT_PEER_LOST)
+        raise lost from None
     finally:
         du.cleanup()
 
@@ -215,6 +267,11 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, env: du.Dis
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=du.die_with_parent if num_workers > 0 else None,
+        # The loader draws its workers' base seed when an iterator starts; from a generator of its
+        # own, so starting the streams after a resume leaves the global RNG as an uninterrupted run
+        # has it (samples are seeded by their keys, not by this seed).
+        generator=torch.Generator(),
     )
 
 
@@ -349,7 +406,9 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any) -> nn.Mo
             LOG.info("torch.compile: %s", ", ".join(compile_network(net)))
     if env.world_size > 1:
         ids = [env.device.index] if env.device.type == "cuda" else None
-        module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        with warnings.catch_warnings():  # its replacement would sync buffers at init; we keep them per rank
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
     return module
 
 
@@ -444,6 +503,78 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+STATE_FORMAT = "decouplenet-training-state/2"  # /2: per-rank parts in "ranks"
+STATE_FORMAT_V1 = "decouplenet-training-state/1"  # rank 0's parts only; still loadable
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def local_state(modules: dict[str, nn.Module], stage_state: dict, rank: int) -> dict:
+    """What this rank keeps for itself and DDP does not synchronise, on the CPU.
+
+    * ``rng``: the Python, NumPy and torch generators (each rank is seeded ``seed + rank``);
+    * ``stage_state``: phase 1's class banks (each rank fills its own from its own pixels; only
+      the thresholds are averaged over ranks);
+    * ``buffers``: every module buffer, e.g. BatchNorm running statistics: DDP runs with
+      ``broadcast_buffers=False`` and, without SyncBatchNorm (CPU/gloo, ``--freeze_bn`` off),
+      each rank's statistics follow its own batches.
+    """
+    return {
+        "rank": rank,
+        "rng": rng_state(),
+        "stage_state": _to_cpu(stage_state),
+        "buffers": {name: {k: b.detach().cpu() for k, b in m.named_buffers()} for name, m in modules.items()},
+    }
+
+
+def load_buffers(modules: dict[str, nn.Module], saved: dict) -> None:
+    """Copy the ``buffers`` part of :func:`local_state` into ``modules`` (names and shapes must match)."""
+    for name, module in modules.items():
+        own = dict(module.named_buffers())
+        values = saved[name]
+        missing = sorted(set(own) ^ set(values))
+        if missing:
+            raise KeyError(f"buffers of {name} differ: {', '.join(missing[:3])}")
+        with torch.no_grad():
+            for k, value in values.items():
+                if own[k].shape != value.shape:
+                    raise ValueError(f"buffer {name}/{k}: shape {tuple(value.shape)}, expected {tuple(own[k].shape)}")
+                own[k].copy_(value)
+
+
+def restore_local_state(state: dict, stage: Any, modules: dict[str, nn.Module], env: du.DistEnv) -> str:
+    """Give this rank its own part of a training state (see :func:`local_state`).
+
+    With the world size of the run that saved ``state``, rank ``r`` gets saved rank ``r``'s
+    part: the run continues bit-identically. With another world size rank ``r`` takes the class
+    banks and buffers of saved rank ``r mod saved`` and ranks beyond the saved ones keep their
+    fresh seeds; the returned sentence says so (empty when exact).
+    """
+    ranks = state.get("ranks") or [{"rng": state["rng"], "stage_state": state["stage_state"]}]
+    saved, world, rank = len(ranks), env.world_size, env.rank
+    mine = ranks[rank % saved]
+    stage.load_extra_state(mine["stage_state"])
+    if "buffers" in mine:
+        load_buffers(modules, mine["buffers"])
+    if rank < saved:
+        set_rng_state(mine["rng"])
+    if saved == world:
+        return ""
+    fresh = f"; ranks {saved}..{world - 1} keep their own random seeds" if world > saved else ""
+    return (f"holds the per-rank state of {saved} rank(s), this run has {world}: weights, optimizers, "
+            f"iteration and thresholds are exact; rank r takes the class banks, BatchNorm statistics "
+            f"and random state of saved rank r mod {saved}{fresh}. The run continues, but not "
+            f"bit-identically to an uninterrupted one")
 
 
 def plain_args(args: Any) -> dict:
@@ -558,10 +689,23 @@ class Trainer:
         self.best_path: str | None = None
 
     # ------------------------------------------------------------------ state
-    def training_state(self, next_iter: int) -> dict:
+    def stage_modules(self) -> dict[str, nn.Module]:
+        """The network and the stage's extra modules, by their names in the training state."""
+        return {"model": self.stage.net, **self.stage.extra_modules}
+
+    def training_state(self, next_iter: int) -> dict | None:
+        """The full training state on rank 0 (``None`` on the other ranks); a collective.
+
+        Everything DDP keeps equal over ranks (weights, optimizers, scaler, the averaged
+        thresholds) is taken from rank 0; what each rank keeps for itself (:func:`local_state`)
+        is gathered from every rank into ``ranks``. ``stage_state`` and ``rng`` repeat rank 0's.
+        """
+        ranks = du.gather_to_main(local_state(self.stage_modules(), self.stage.extra_state(), self.env.rank))
+        if ranks is None:
+            return None
         s = self.stage
         return {
-            "format": "decouplenet-training-state/1",
+            "format": STATE_FORMAT,
             "stage": s.name,
             "iteration": next_iter,
             "model": {k: v for k, v in s.net.state_dict().items()},
@@ -570,14 +714,16 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "best_miou": self.best_miou,
             "best_path": self.best_path or "",
-            "stage_state": s.extra_state(),
-            "rng": rng_state(),
+            "stage_state": ranks[0]["stage_state"],
+            "rng": ranks[0]["rng"],
+            "world_size": len(ranks),
+            "ranks": ranks,
             "args": plain_args(self.args),
         }
 
     def restore(self, path: str) -> None:
         state = safe_load(path)
-        if not isinstance(state, dict) or state.get("format") != "decouplenet-training-state/1":
+        if not isinstance(state, dict) or state.get("format") not in (STATE_FORMAT, STATE_FORMAT_V1):
             raise CheckpointError(f"{path}: not a training state written by this project (latest.pth)")
         s = self.stage
         if state["stage"] != s.name:
@@ -588,15 +734,16 @@ class Trainer:
                 m.load_state_dict(state["extra_modules"][k])
             for k, (opt, _) in s.optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
-        except (RuntimeError, KeyError) as exc:
+            approximated = restore_local_state(state, s, self.stage_modules(), self.env)
+        except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this network/options ({first})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.start_iter = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         self.best_path = state["best_path"] or None
-        s.load_extra_state(state["stage_state"])
-        set_rng_state(state["rng"])
+        if approximated and self.env.is_main:
+            LOG.warning("%s: %s", path, approximated)
         LOG.info("resumed from %s at iteration %d (best mIoU so far %.4f)", path, self.start_iter,
                  self.best_miou)
 
@@ -609,8 +756,14 @@ class Trainer:
             raise RunError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from None
 
     def save_latest(self, next_iter: int) -> None:
-        if self.env.is_main:
-            self.save_file(self.training_state(next_iter), os.path.join(self.args.snapshot_dir, LATEST))
+        """Every rank's state of ``next_iter`` in one ``latest.pth``, written by rank 0 (all ranks call).
+
+        One file renamed into place at once: a kill at any moment leaves either the complete
+        state of this iteration (every rank's part) or the previous complete one.
+        """
+        state = self.training_state(next_iter)
+        if state is not None:
+            self.save_file(state, os.path.join(self.args.snapshot_dir, LATEST))
 
     def save_official(self, filename: str) -> str:
         path = os.path.join(self.args.snapshot_dir, filename)

@@ -69,6 +69,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--gpus", default="0,1", help="GPU ids; with --dist one process per id")
     g.add_argument("--dist", action="store_true", help="spawn one process per GPU of --gpus (DDP)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU (gloo under --dist)")
+    g.add_argument("--dist_timeout", type=float, default=300.0,
+                   help="seconds a rank waits for the others in one collective before the job fails")
     g.add_argument("--tensorboard", action="store_true", help="write tensorboardX scalars")
     g.add_argument("--random-seed", dest="random_seed", type=int, default=1234)
     g.add_argument("--print-every", dest="print_every", type=int, default=20)
@@ -200,6 +202,8 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
                         ("--print-every", args.print_every)):
         if value <= 0:
             raise OptionError(f"{flag}: must be a positive integer, got {value}")
+    if args.dist_timeout <= 0:
+        raise OptionError(f"--dist_timeout: must be positive, got {args.dist_timeout}")
     if args.num_workers < 0:
         raise OptionError(f"--num-workers: must be >= 0, got {args.num_workers}")
     if args.num_steps_stop > args.num_steps:
