@@ -362,3 +362,52 @@ def test_threshold_report_counts_kept_pixels(tmp_path: Path) -> None:
     assert report["kept"][0] > 0.8 * report["pixels"][0] + 1  # the ties at 1.0 are all kept
     text = format_report(thr, report, 0.8)
     assert "0 (road)" in text and "5 (pole)" in text and text.splitlines()[-1].startswith("all")
+
+
+def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, tmp_path, monkeypatch) -> None:
+    """The phase-2 step hands the fusion the network's whole-image prediction in the crop's frame:
+    upsampled to the crop size, softmax, resized to the drawn size, cropped with the drawn box and
+    flipped when the sample was flipped, each written out here with ``F.interpolate`` and slicing.
+    The soft-label wiring test cannot see this map (its large one-hot soft labels decide the fused
+    label), so a flip or crop box missing at the call site would pass it; this test fails then."""
+    from utils import phase2
+    from utils.distributed import DistEnv
+    from utils.options import parse_args
+
+    seen: dict = {}
+    real_carry, real_fuse = phase2.online_prediction_to_crop, phase2.fuse_pseudo_labels
+
+    def carry(logits, *rest, **kw):
+        seen["logits"] = logits.detach().clone()
+        return real_carry(logits, *rest, **kw)
+
+    def fuse(pred_crop, soft_crop, *rest, **kw):
+        seen["pred_crop"] = pred_crop.detach().clone()
+        return real_fuse(pred_crop, soft_crop, *rest, **kw)
+
+    monkeypatch.setattr(phase2, "online_prediction_to_crop", carry)
+    monkeypatch.setattr(phase2, "fuse_pseudo_labels", fuse)
+    args = parse_args("phase2", "test", [*wiring_data["flags"], "--resume", str(sourceonly_ckpt),
+                                         "--snapshot-dir", str(tmp_path)])
+    args.world_size = 1
+    stage = phase2.Phase2Stage(args, DistEnv())
+    stage.build()
+    batches = stage.batches(0)
+    flips = 0
+    with torch.no_grad():
+        for it in range(4):
+            batch = next(batches)
+            stage.step(it, batch)
+            tgt = batch[1]
+            crop_hw = tuple(tgt["img"].shape[-2:])
+            for i in range(tgt["img"].shape[0]):
+                h, w = (int(v) for v in tgt["resized_hw"][i])
+                ys, ye, xs, xe = (int(v) for v in tgt["crop_box"][i])
+                p = F.interpolate(seen["logits"][i:i + 1].float(), size=crop_hw, mode="bilinear",
+                                  align_corners=True).softmax(1)
+                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=True)[..., ys:ye, xs:xe]
+                if bool(tgt["flip"][i]):
+                    p = torch.flip(p, dims=(3,))
+                    flips += 1
+                torch.testing.assert_close(seen["pred_crop"][i], p[0], rtol=0, atol=1e-5)
+    assert flips > 0, "no flipped sample was drawn: the check of the flip did not run"
