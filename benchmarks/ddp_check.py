@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--timeout", type=float, default=75.0, help="seconds per launcher run")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints: about 3 GB)")
     opts = parser.parse_args()
 
     from datasets.synthetic import generate
@@ -128,7 +130,11 @@ def main() -> int:
             ok &= rc == 0
     else:
         print("one GPU: the --dist spawning part needs two")
-    print(f"== DDP check: {'passed' if ok else 'FAILED'} (work folder {work})")
+    if opts.keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"== DDP check: {'passed' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 

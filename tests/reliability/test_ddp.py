@@ -13,7 +13,9 @@ and torchrun's restarted group must finish with the final checkpoint and the who
 the reference. A clean stop at iteration 2 continued with ``--resume_from auto`` must be too.
 Under ``--dist`` spawning, a rank SIGKILLed at iteration 3 must end the job within 30 s with
 one stderr line naming the rank, the signal and the command that continues; that command must
-then finish the run, again bit-identical.
+then finish the run, again bit-identical. The 2-rank state continued by one process must run and
+say in one WARNING line what is approximated. Also: DataLoader workers die with their rank, and a
+restarted gloo group forms when one rank comes late (the flaky "connectFullMesh" failure).
 
 The runs are plain subprocesses (the launchers start their own workers), a few at a time.
 """
