@@ -246,7 +246,7 @@ def test_phase1_file_loads_as_the_original_loads_it(adv_run) -> None:
     ``nn.Sequential`` parts of torchvision's ResNet-101 and an ASPP head of four convolutions.
     Written out here, without importing the original."""
     snapshot, _, _ = adv_run
-    ckpt = torch.load(snapshot / "GTA5_2.pth", map_location="cpu")
+    ckpt = torch.load(snapshot / "GTA5_2.pth", map_location="cpu", weights_only=True)  # torch >= 2.6 default
     assert list(ckpt) == ["model_B1_state_dict", "model_B2_state_dict", "model_B_state_dict", "head_state_dict",
                           "classifier_state_dict", "aux_classifier_state_dict", "D1_state_dict", "D2_state_dict"]
     picked = {name: {k.replace("module.", ""): v for k, v in ckpt[f"{name}_state_dict"].items()}

@@ -131,12 +131,21 @@ def _signal_name(code: int | None) -> str | None:
         return f"signal {-code}"
 
 
+class _TextOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (a traceback is a ``str``): any class or function is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def _read_traceback(path: str) -> str:
+    """The traceback text a spawned rank left in its error file (a pickled ``str``)."""
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh)
+            text = _TextOnlyUnpickler(fh).load()
     except (OSError, EOFError, pickle.UnpicklingError):
         return ""
+    return text if isinstance(text, str) else ""
 
 
 def _join_spawned(ctx: Any, grace_s: float = 10.0) -> None:
