@@ -239,6 +239,41 @@ def sample_rows(data: str, out: str, count: int) -> list[list[np.ndarray]]:
     return rows
 
 
+def pseudo_summary(snapshot: str) -> dict | None:
+    """Pseudo-label accuracy of one training run from its ``metrics.jsonl`` (None without ground truth).
+
+    ``acc``: pooled over the run (correct / scored pixels, all iterations); ``first`` / ``last``:
+    pooled over the first / last quarter of the iterations; ``kept``: mean kept fraction.
+    """
+    path = os.path.join(snapshot, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows or "pseudo_acc" not in rows[0]:
+        return None
+
+    def pooled(part: list[dict]) -> float | None:
+        n = sum(r["pseudo_acc_pixels"] for r in part)
+        return sum(r["pseudo_acc"] * r["pseudo_acc_pixels"] for r in part if r["pseudo_acc"] is not None) / n if n else None
+
+    q = max(1, len(rows) // 4)
+    return {"acc": pooled(rows), "first": pooled(rows[:q]), "last": pooled(rows[-q:]),
+            "kept": sum(r["pseudo_kept"] for r in rows) / len(rows), "per_iteration": [r["pseudo_acc"] for r in rows]}
+
+
+def soft_label_miou(log_path: str) -> float | None:
+    """The soft labels' mIoU against the target train ground truth, from generate_soft_label.py's log."""
+    import re
+
+    with open(log_path, encoding="utf-8") as f:
+        text = f.read()
+    if "vs train ground truth" not in text:
+        return None
+    found = re.findall(r"^mIoU\s+([0-9.]+)\s*$", text.split("vs train ground truth", 1)[1], re.MULTILINE)
+    return float(found[0]) / 100.0 if found else None
+
+
 def _slug(stage: str) -> str:
     return stage.replace(" ", "").replace("-", "_")
 
