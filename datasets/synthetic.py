@@ -69,6 +69,26 @@ _TARGET_STYLE = DomainStyle((-12.0, 4.0, 16.0), 0.85, 0.8, 10.0, 1.2, 1.15, 10.0
 _SYNTHIA_STYLE = DomainStyle((8.0, -10.0, 4.0), 1.0, 1.1, 6.0, 0.6, 1.0, 16.0)
 
 
+def target_style(gap: float = 1.0) -> DomainStyle:
+    """The target domain's style ``gap`` of the way from the source style's (1.0: the usual target).
+
+    Every field is interpolated linearly; ``gap=0`` paints both domains alike (only the scenes
+    differ), ``gap=0.5`` halves the colour, lighting, noise and blur differences.
+    """
+    if gap == 1.0:
+        return _TARGET_STYLE
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    s, t = _SOURCE_STYLE, _TARGET_STYLE
+
+    def mix(a: float, b: float) -> float:
+        return a + gap * (b - a)
+
+    return DomainStyle(tuple(mix(a, b) for a, b in zip(s.offset, t.offset)), mix(s.gain, t.gain),
+                       mix(s.contrast, t.contrast), mix(s.noise, t.noise), max(0.0, mix(s.blur, t.blur)),
+                       mix(s.gamma, t.gamma), max(0.0, mix(s.texture, t.texture)))
+
+
 def _fill_rect(lbl: np.ndarray, y0: float, y1: float, x0: float, x1: float, c: int) -> None:
     """Paint a clipped rectangle of class ``c`` into the label map."""
     h, w = lbl.shape
@@ -271,10 +291,12 @@ def generate(
     num_target_train: int = 6,
     num_target_val: int = 4,
     synthia: bool = False,
+    gap: float = 1.0,
 ) -> dict[str, str]:
     """Write the synthetic trees under ``out``; return their roots by name.
 
-    ``size`` is ``(W, H)``. Returns ``{"gta5": ..., "cityscapes": ..., ["synthia": ...]}``.
+    ``size`` is ``(W, H)``; ``gap`` scales the target's appearance difference from the
+    source (:func:`target_style`). Returns ``{"gta5": ..., "cityscapes": ..., ["synthia": ...]}``.
     """
     import scipy.io
 
@@ -312,6 +334,7 @@ def generate(
 
     # Target (Cityscapes layout).
     rng = rngs[1]
+    style = target_style(gap)
     cities = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster")}
     counts = {"train": num_target_train, "val": num_target_val}
     k = 0
@@ -323,7 +346,7 @@ def generate(
             lbl = render_scene(rng, width, height, must_have=[_OBJECT_CYCLE[k % len(_OBJECT_CYCLE)]])
             k += 1
             _write_rgb(os.path.join(roots["cityscapes"], "leftImg8bit", split, city,
-                                    f"{stem}_leftImg8bit.png"), paint(rng, lbl, _TARGET_STYLE))
+                                    f"{stem}_leftImg8bit.png"), paint(rng, lbl, style))
             _write_grey_label(os.path.join(roots["cityscapes"], "gtFine", split, city,
                                            f"{stem}_gtFine_labelIds.png"),
                               train_ids_to_cityscapes(lbl, rng, ego_vehicle=True))
@@ -363,9 +386,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_target_train", type=int, default=6)
     parser.add_argument("--num_target_val", type=int, default=4)
     parser.add_argument("--synthia", action="store_true", help="also write a SYNTHIA tree")
+    parser.add_argument("--gap", type=float, default=1.0,
+                        help="target appearance: 1 the usual domain gap, 0 painted like the source, 0.5 half-way")
     args = parser.parse_args(argv)
     roots = generate(args.out, args.seed, args.size, args.num_source, args.num_target_train,
-                     args.num_target_val, args.synthia)
+                     args.num_target_val, args.synthia, gap=args.gap)
     for name, path in roots.items():
         print(f"{name}: {path}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import scipy.io
 from PIL import Image
 
@@ -89,3 +90,40 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert "cityscapes" in capsys.readouterr().out
     assert cv2.imread(str(tmp_path / "gta5" / "images" / "00002.png")).shape == (32, 64, 3)
     assert not (tmp_path / "synthia").exists()
+
+
+def test_gap_scales_target_appearance_only(tmp_path: Path) -> None:
+    """--gap: 1 is the default output; smaller values bring the target's road colour towards the
+    source's; labels and source images do not change; a negative gap is refused."""
+    from datasets.synthetic import target_style
+
+    def road(images: list[Path], label_of) -> np.ndarray:  # mean colour of the road pixels
+        cols = []
+        for img_path in images:
+            img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.float64)
+            cols.append(img[encode_labels(np.asarray(Image.open(label_of(img_path)))) == 0].mean(axis=0))
+        return np.mean(cols, axis=0)
+
+    out = {}
+    for gap in (1.0, 0.0, 0.5):
+        main(["--out", str(tmp_path / str(gap)), "--size", "64,32", "--num_source", "2",
+              "--num_target_train", "1", "--num_target_val", "2", "--gap", str(gap)])
+        out[gap] = tmp_path / str(gap)
+    default = tmp_path / "default"
+    main(["--out", str(default), "--size", "64,32", "--num_source", "2", "--num_target_train", "1",
+          "--num_target_val", "2"])
+    assert _digest(out[1.0]) == _digest(default)
+    assert _digest(out[0.5] / "gta5") == _digest(default / "gta5")
+    assert _digest(out[0.5] / "cityscapes" / "gtFine") == _digest(default / "cityscapes" / "gtFine")
+    src = road(sorted((default / "gta5" / "images").glob("*.png")),
+               lambda p: p.parents[1] / "labels" / p.name)
+    dist = {}
+    for gap, root in out.items():
+        cs = root / "cityscapes"
+        tgt = road(sorted((cs / "leftImg8bit" / "val").glob("*/*.png")),
+                   lambda p, cs=cs: cs / "gtFine" / "val" / p.parent.name /
+                   p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+        dist[gap] = float(np.abs(tgt - src).max())
+    assert dist[0.0] < dist[0.5] < dist[1.0], dist
+    with pytest.raises(ValueError):
+        target_style(-0.5)

@@ -56,11 +56,16 @@ def logit_positions(pixels: int, logits: int) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(logits)]
 
 
+_GRIDS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
 def ground_truth_at_logits(gt: Tensor, logits_hw: Sequence[int]) -> Tensor:
     """``gt`` ``[..., H, W]`` sampled nearest-neighbour at the logit positions: ``[..., h, w]``."""
-    h, w = int(logits_hw[0]), int(logits_hw[1])
-    rows = torch.tensor(logit_positions(gt.shape[-2], h), dtype=torch.int64).to(gt.device, non_blocking=True)
-    cols = torch.tensor(logit_positions(gt.shape[-1], w), dtype=torch.int64).to(gt.device, non_blocking=True)
+    key = (int(gt.shape[-2]), int(gt.shape[-1]), int(logits_hw[0]), int(logits_hw[1]), gt.device)
+    if key not in _GRIDS:  # one pair of index tensors per crop size and device (training crops: one)
+        _GRIDS[key] = (torch.tensor(logit_positions(key[0], key[2]), dtype=torch.int64, device=gt.device),
+                       torch.tensor(logit_positions(key[1], key[3]), dtype=torch.int64, device=gt.device))
+    rows, cols = _GRIDS[key]
     return gt.index_select(-2, rows).index_select(-1, cols)
 
 
