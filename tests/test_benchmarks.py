@@ -37,3 +37,14 @@ def test_step_benchmark() -> None:
     for row in ("phase1 ours", "phase1 straightforward", "phase2 ours"):
         assert re.search(re.escape(row) + r"\s+[\d.]+\s+\d+", proc.stdout), proc.stdout
     assert "phase1: straightforward / ours =" in proc.stdout
+
+
+def test_memory_benchmark() -> None:
+    """Every step runs in both phases and computes the first-iteration losses of the original's loop."""
+    proc = run_script(["benchmarks/bench_memory.py", "--phase", "1,2", "--small", "", "--large", "64,32",
+                       "--batch", "1", "--iters", "1"])
+    for phase in ("1", "2"):
+        assert f"phase{phase}: ours / original =" in proc.stdout, proc.stdout
+    for row in ("original", "ours", "ours --activation_checkpointing"):
+        rows = re.findall(rf"^{re.escape(row)}\s+-\s+\d+\s+\d+\s+[\d.]+x\s+nan\s+(\w+)$", proc.stdout, re.MULTILINE)
+        assert rows == ["yes", "yes"], proc.stdout

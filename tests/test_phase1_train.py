@@ -358,3 +358,78 @@ def test_two_iterations_match_original(parity_ensemble) -> None:
     assert np.all(z_loss <= 4.0), report
     # The exact start reproduces the first iteration to fp32 accuracy (also checked above).
     np.testing.assert_allclose(members[0]["losses"][0], expected["losses"][0], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- memory
+def test_passes_give_the_gradients_of_one_backward() -> None:
+    """The three passes (source, target, discriminators), each back-propagated before the next
+    runs, give the gradients of one backward of all six losses, and the same batch-norm state."""
+    from model import FCDiscriminator
+    from utils.options import parse_args
+    from utils.phase1 import Phase1Objective
+
+    args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1"])
+    torch.manual_seed(0)
+    modules = [DecoupleNet(layer=1).train(), FCDiscriminator(256, 32), FCDiscriminator(19, 64)]
+    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    gen = torch.Generator().manual_seed(0)
+    x_s, x_t = torch.rand(2, 3, 32, 48, generator=gen), torch.rand(2, 3, 32, 48, generator=gen)
+    y_s = torch.randint(0, 19, (2, 32, 48), generator=gen)
+
+    def run(one_backward: bool) -> dict[str, torch.Tensor]:
+        for m, sd in zip(modules, start):
+            m.load_state_dict(sd)
+            m.zero_grad(set_to_none=True)
+        objective = Phase1Objective(*modules, args, lambda q: (q.argmax(1), torch.ones(())))
+        totals = []
+        losses, held_s = objective("source", x_s, y_s)
+        totals.append(losses["total"])
+        if not one_backward:
+            totals.pop().backward()
+        losses, held_t = objective("target", x_t)
+        totals.append(losses["total"])
+        if not one_backward:
+            totals.pop().backward()
+        totals.append(objective("discriminators", *held_s, *held_t, (32, 48), (32, 48))["total"])
+        sum(totals).backward()
+        out = {f"{i}/{k}/grad": p.grad.clone() for i, m in enumerate(modules) for k, p in m.named_parameters()}
+        out.update({f"{i}/{k}": b.clone() for i, m in enumerate(modules) for k, b in m.named_buffers()})
+        return out
+
+    one, passes = run(one_backward=True), run(one_backward=False)
+    assert one.keys() == passes.keys() and len(one) > 700
+    for k, v in one.items():
+        torch.testing.assert_close(passes[k], v, rtol=1e-6, atol=1e-10, msg=k)
+
+
+def test_activation_checkpointing_same_run_and_exact_resume(run_a, synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+    """--activation_checkpointing saves memory, not results: stopped after 2 of 4 iterations and
+    resumed, both with the flag, the run ends with the weights, batch-norm statistics,
+    optimisers, discriminators, class banks and losses of run A (flag off, uninterrupted)."""
+    snap_a, _ = run_a
+    snap_c = tmp_path / "phase1_C"
+    saver = ("--activation_checkpointing",)
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snap_c, *RUN_A, *saver, "--num-steps-stop", "2"))
+    assert "activation checkpointing: layer2, layer3, layer4" in proc.stdout
+    run_script(phase1_args(synthetic_data, sourceonly_ckpt, snap_c, *RUN_A, *saver, "--num-steps-stop", "4",
+                           "--resume_from", "auto"))
+    la = torch.load(snap_a / "latest.pth", map_location="cpu", weights_only=True)
+    lc = torch.load(snap_c / "latest.pth", map_location="cpu", weights_only=True)
+    assert lc["iteration"] == 4
+    for key in ("model", "extra_modules", "optimizers", "stage_state", "scaler"):
+        assert_same_state(la[key], lc[key], f"latest.pth/{key}")
+    metrics = read_metrics(snap_c)
+    assert metrics == read_metrics(snap_a)
+    # peak GPU memory (max_mem_mib) is a CUDA-only key: left out of every line on the CPU
+    assert len(metrics) == 4 and not any("max_mem_mib" in m for m in metrics), metrics
+
+
+def test_peak_memory_is_reported_on_cuda_only(monkeypatch) -> None:
+    """The log line and metrics.jsonl get torch.cuda.max_memory_allocated on CUDA, nothing on the CPU."""
+    from utils.engine import peak_memory_mib, peak_memory_text
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 + 2**19)
+    assert peak_memory_mib(torch.device("cuda", 0)) == 3.5
+    assert peak_memory_text(torch.device("cuda", 0)) == ", peak GPU memory 4 MiB"
+    assert peak_memory_mib(torch.device("cpu")) is None
+    assert peak_memory_text(torch.device("cpu")) == ""
