@@ -298,11 +298,12 @@ def measure(phase: str, name: str, crop: tuple[int, int], a) -> dict:
 
 
 def run_one(phase: str, name: str, crop: tuple[int, int], a) -> dict:
-    """CPU: :func:`measure` in a fresh process (its own peak RSS). CUDA: in this process, the
-    peak statistics reset and the previous step's memory released first."""
-    if a.device == "cuda":
+    """CPU: :func:`measure` in a fresh process (its own peak RSS). CUDA (and ``--in_process``): in
+    this process, the peak statistics reset and the previous step's memory released first."""
+    if a.device == "cuda" or a.in_process:
         gc.collect()
-        torch.cuda.empty_cache()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
         return measure(phase, name, crop, a)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([phase, name, list(crop)]),
            "--batch", str(a.batch), "--iters", str(a.iters), "--threads", str(a.threads), "--amp", a.amp,
@@ -334,6 +335,8 @@ def main() -> None:
     ap.add_argument("--mmap_threshold", type=int, default=65536,
                     help="CPU: glibc serves allocations of at least this many bytes by mmap, so that freed memory "
                          "leaves the resident set at once (0: glibc's default heap, which keeps freed memory)")
+    ap.add_argument("--in_process", action="store_true",
+                    help="CPU smoke test: every step in this process (quick; the memory figures are then meaningless)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON result
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -346,7 +349,8 @@ def main() -> None:
     large = tuple(int(v) for v in a.large.split(","))
     small = tuple(int(v) for v in a.small.split(",")) if a.small else None
     crops = [c for c in (small, large) if c is not None]
-    what = "peak RSS of a fresh process" if a.device == "cpu" else "peak allocated CUDA memory"
+    what = "peak allocated CUDA memory" if a.device == "cuda" else \
+        "in one process: a smoke test, not a measurement" if a.in_process else "peak RSS of a fresh process"
     if small:
         print(f"memory growth of a training iteration from a {small[0]}x{small[1]} to a {large[0]}x{large[1]} crop "
               f"({what})", end="; ")
@@ -381,7 +385,7 @@ def main() -> None:
             print(f"{n:34s} {peak_small:>10s} {max(x['peak'] for x in res[n, large]):10.0f} {span:>13s} "
                   f"{np.mean(gs) / base:9.2f}x {np.median(secs):7.2f} {'yes' if same else 'NO':>18s}")
         print(f"phase{phase}: ours / original = {np.mean(growth['ours']) / base:.2f}x, with --activation_checkpointing "
-              f"= {np.mean(growth['ours --activation_checkpointing']) / base:.2f}x")
+              f"= {np.mean(growth['ours --activation_checkpointing']) / base:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

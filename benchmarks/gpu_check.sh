@@ -31,8 +31,8 @@ for amp in bf16 fp16; do
         --iters 5 --warmup 2 --flops --peak_tflops "$PEAK" --phase 1,2
   done
 done
-timeout 45 $PY benchmarks/bench_step.py --device cuda --crop 896,512 --batch 2 --amp fp16 --iters 3 --warmup 1 \
-    --phase 1 --baseline
+timeout 60 $PY benchmarks/bench_step.py --device cuda --crop 896,512 --batch 2 --amp fp16 --iters 3 --warmup 1 \
+    --phase 1 --baseline --saver  # --saver: the time cost of --activation_checkpointing
 timeout 30 $PY benchmarks/bench_thresholds_online.py --device cuda --repeats 5
 # peak GPU memory (max_memory_allocated) at the paper's per-GPU setting, 896x512, batch 2, fp16, phase 1
 # at --layer 1 (the default), then phase 2: the original's loop, ours, ours with --activation_checkpointing
