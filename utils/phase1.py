@@ -1,6 +1,6 @@
 """Phase 1: decoupled stems, two discriminators, Self-Discrimination with online thresholds.
 
-SPEC section 3. One iteration (per micro-batch) is three passes of :class:`Phase1Objective`,
+One iteration (per micro-batch) is three passes of :class:`Phase1Objective`,
 which holds the network and both discriminators so that a single DDP wrapper covers every
 parameter: source, target, discriminators, each back-propagated before the next starts, as the
 original does (its six backward calls become three; the gradients are the same sums).
@@ -76,7 +76,7 @@ def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin:
 
 
 class Phase1Objective(nn.Module):
-    """Network + D1 + D2 in one module (one DDP wrapper); SPEC section 3 steps 3-5.
+    """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration.
 
     An iteration calls it three times, once per pass, and back-propagates each pass's ``total``
     before the next pass starts, in the original's order: ``"source"`` (segmentation and
