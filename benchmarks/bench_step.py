@@ -13,6 +13,8 @@ banks in Python lists with a full sort). Prints a table.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import resource
@@ -29,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference_rules import reference_update
 from model import upsample
 from utils.distributed import DistEnv
-from utils.engine import set_lr
 from utils.options import build_parser, finalize
 
 
@@ -93,21 +94,11 @@ def phase1_ours(args, env: DistEnv):
     stage.resuming = True  # no weight files: random init is fine for timing
     stage.build()
     trainer = Trainer(stage, None, None)
-    src = fake_batch(stage.batch, args.rcrop)
-    tgt = fake_batch(stage.batch, args.rcrop)
-    it = [0]
+    batches = itertools.repeat((fake_batch(stage.batch, args.rcrop), fake_batch(stage.batch, args.rcrop)))
+    it = itertools.count()
 
     def step() -> None:
-        for opt, base in stage.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-            set_lr(opt, base, it[0], args)
-        losses = stage.step(it[0], (src, tgt))
-        trainer.scaler.scale(losses["total"]).backward()
-        for opt, _ in stage.optimizers.values():
-            trainer.scaler.step(opt)
-        trainer.scaler.update()
-        losses["total"].item()  # the engine reads the losses once per iteration
-        it[0] += 1
+        trainer.train_step(next(it), batches)  # the engine's iteration (reads the losses once)
 
     return step, stage
 
@@ -175,34 +166,29 @@ def phase1_straightforward(args, env: DistEnv):
 
 
 def phase2_ours(args, env: DistEnv):
+    """The engine's phase-2 iteration; the network, objective and optimizer of
+    ``Phase2Stage.build`` (which would also read soft labels and a thresholds file)."""
     from model import DecoupleNet
-    from utils.engine import prepare_for_training, sgd_for, to_device_image, to_device_label
-    from utils.phase2 import Phase2Objective
+    from utils.engine import Trainer, prepare_for_training, sgd_for, unwrap
+    from utils.phase2 import Phase2Objective, Phase2Stage
 
     dev = env.device
     args.src_loss_weight = 1.0
+    stage = Phase2Stage(args, env)
     net = DecoupleNet(layer=args.layer, decoupled=False, aux=False)
-    model = prepare_for_training(Phase2Objective(net, args), env, args).train()
-    opt = sgd_for(model.net, args, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=args.amp == "fp16")
+    stage.model = prepare_for_training(Phase2Objective(net, args), env, args).train()
+    stage.net = unwrap(stage.model).net
+    stage.thresholds = torch.full((19,), 0.5, device=dev)
+    stage.optimizers = {"model": (sgd_for(stage.net, args, dev), args.learning_rate)}
+    trainer = Trainer(stage, None, None)
     w, h = args.rcrop
     full = (w * 2, h * 2)
-    src = fake_batch(args.batch_size, args.rcrop)
-    tgt = fake_batch(args.batch_size, args.rcrop, full=full, soft=True)
-    thr = torch.full((19,), 0.5, device=dev)
-    cl = args.channels_last and dev.type == "cuda"
+    batches = itertools.repeat((fake_batch(stage.batch, args.rcrop),
+                                fake_batch(stage.batch, args.rcrop, full=full, soft=True)))
+    it = itertools.count()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16,
-                            enabled=args.amp != "off"):
-            losses = model(to_device_image(src["img"], dev, cl), to_device_label(src["label"], dev),
-                           to_device_image(tgt["img"], dev, cl), to_device_image(tgt["img_full"], dev, cl),
-                           tgt["soft_label"].to(dev), tgt["resized_hw"], tgt["crop_box"], tgt["flip"], thr)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(opt)
-        scaler.update()
-        losses["total"].item()
+        trainer.train_step(next(it), batches)
 
     return step
 
@@ -215,16 +201,20 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def candidate_names(phase: str, baseline: bool) -> list[str]:
+SAVER = " + checkpointing"  # candidate name suffix: the step with --activation_checkpointing
+
+
+def candidate_names(phase: str, baseline: bool, saver: bool = False) -> list[str]:
     """The steps timed for ``phase`` ("1" or "2")."""
-    if phase == "2":
-        return ["phase2 ours"]
-    return ["phase1 ours", "phase1 straightforward"] if baseline else ["phase1 ours"]
+    names = [f"phase{phase} ours"] + ([f"phase{phase} ours{SAVER}"] if saver else [])
+    return names + (["phase1 straightforward"] if baseline and phase == "1" else [])
 
 
 def build_step(name: str, args, env: DistEnv):
     """The step function of candidate ``name`` (see :func:`candidate_names`)."""
-    if name == "phase1 ours":
+    args = copy.copy(args)
+    args.activation_checkpointing = name.endswith(SAVER)
+    if name.startswith("phase1 ours"):
         return phase1_ours(args, env)[0]
     if name == "phase1 straightforward":
         return phase1_straightforward(args, env)
@@ -258,6 +248,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward original-style step")
+    ap.add_argument("--saver", action="store_true", help="also time our steps with --activation_checkpointing")
     ap.add_argument("--rounds", type=int, default=2,
                     help="CPU: each candidate runs in its own process this many times, in alternating order; "
                          "the median time is reported")
@@ -276,7 +267,7 @@ def main() -> None:
         return
     rows = []
     for phase in a.phase.split(","):
-        names = candidate_names(phase, a.baseline)
+        names = candidate_names(phase, a.baseline, a.saver)
         if device.type == "cpu":
             # Fresh processes: ru_maxrss cannot be reset, and alternation evens out drift.
             argv = list(sys.argv[1:])
@@ -301,10 +292,13 @@ def main() -> None:
         mfu = f"{100 * tf / sec / a.peak_tflops:5.1f}%" if a.peak_tflops and flops else "  -"
         print(f"{name:26s} {sec:9.3f} {mem:11.0f} {tf:11.3f} {tf / sec:8.2f} {mfu:>6s}")
     base = {r[0].split()[0]: r[1] for r in rows if "straightforward" in r[0]}
+    ours = {r[0].split()[0]: r[1] for r in rows if r[0].endswith(" ours")}
     for name, sec, _, _ in rows:
         ph = name.split()[0]
-        if "ours" in name and ph in base:
+        if name.endswith(" ours") and ph in base:
             print(f"{ph}: straightforward / ours = {base[ph] / sec:.2f}x")
+        if name.endswith(SAVER):
+            print(f"{ph}: time with --activation_checkpointing / without = {sec / ours[ph]:.2f}x")
 
 
 if __name__ == "__main__":

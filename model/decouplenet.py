@@ -26,7 +26,9 @@ them from ``--resume``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -35,12 +37,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET_WEIGHTS = os.path.join("pretrained", "resnet101-5d3b4d8f.pth")
 
 # Children of torchvision's ResNet in the order the official nn.Sequential stems/bodies use.
 RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 STEM_CHANNELS = {0: 64, 1: 256, 2: 512}
+CHECKPOINTED_LAYERS = ("layer2", "layer3", "layer4")  # --activation_checkpointing
 
 GROUPS = OrderedDict(
     [
@@ -76,6 +80,54 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
 
     def train(self, mode: bool = True) -> FrozenBatchNorm2d:
         return super().train(False)
+
+
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module):
+    """Whatever runs inside leaves the batch-norm running statistics (and ``num_batches_tracked``)
+    of ``module`` as they were on entry; outputs are unchanged (a recomputation must save the
+    same tensors as the forward, so the batch norms still run in the usual way)."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+
+def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: nothing around the forward;
+    :func:`running_stats_kept` around the recomputation, so the statistics are updated once."""
+    return contextlib.nullcontext(), running_stats_kept(block)
+
+
+class ResNetBody(nn.Sequential):
+    """The ResNet layers after the stem (the original's ``model_B``), optionally with activation
+    checkpointing of the residual blocks of some layers.
+
+    The children and state-dict keys are those of ``nn.Sequential``. Children whose index is in
+    :attr:`checkpointed` run each residual block under ``torch.utils.checkpoint`` (non-reentrant)
+    while gradients are enabled: only the block inputs are kept, the rest is recomputed in the
+    backward. Outputs and gradients are the same; batch-norm running statistics are updated in
+    the forward only (:func:`running_stats_kept` around the recomputation).
+    """
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.checkpointed: frozenset[int] = frozenset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self):
+            if i in self.checkpointed and torch.is_grad_enabled():
+                for block in layer:
+                    x = checkpoint(block, x, use_reentrant=False,
+                                   context_fn=functools.partial(_recompute_contexts, block))
+            else:
+                x = layer(x)
+        return x
 
 
 class ASPPHead(nn.Module):
@@ -146,7 +198,7 @@ class DecoupleNet(nn.Module):
         split = 4 + layer
         self.target_stem = nn.Sequential(*children[:split])
         self.source_stem = copy.deepcopy(self.target_stem) if decoupled else None
-        self.body = nn.Sequential(*children[split:])
+        self.body = ResNetBody(*children[split:])
         self.head = ASPPHead(2048, hidden_dim)
         self.classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True)
         # A fresh 1x1 conv of its own, as the original's; a checkpoint without an aux group copies
@@ -180,6 +232,15 @@ class DecoupleNet(nn.Module):
             raise RuntimeError("this DecoupleNet was built without the aux classifier")
         h = self.decode(self.stem(x, "target"))
         return self.classifier(h), self.aux_classifier(h)
+
+    def set_activation_checkpointing(self, on: bool = True) -> list[str]:
+        """Checkpoint (recompute in the backward) the residual blocks of the body's ``layer2``,
+        ``layer3`` and ``layer4``, those of them that are in the body at this ``layer``: less
+        activation memory for one more forward of them. Returns the checkpointed layer names."""
+        split = 4 + self.layer
+        names = [n for n in CHECKPOINTED_LAYERS if RESNET_CHILDREN.index(n) >= split]
+        self.body.checkpointed = frozenset(RESNET_CHILDREN.index(n) - split for n in names) if on else frozenset()
+        return names if on else []
 
     # ------------------------------------------------------------------ parameter groups
     def backbone_parameters(self) -> list[nn.Parameter]:

@@ -65,3 +65,15 @@ def test_data_benchmark_floor_computes_our_samples(tmp_path) -> None:
         lbl = np.ascontiguousarray(lbl[:, ::-1] if flip else lbl)
         assert np.array_equal(encode_labels(lbl, ds.num_classes), sample["label"].numpy())
     assert flips == {False, True}  # both branches were compared
+
+
+def test_memory_benchmark() -> None:
+    """Every step runs in both phases and computes the first-iteration losses of the original's loop
+    (in one process: the fresh-process peaks of a real run are not the point here)."""
+    proc = run_script(["benchmarks/bench_memory.py", "--phase", "1,2", "--small", "", "--large", "64,32",
+                       "--batch", "1", "--iters", "1", "--in_process"])
+    for phase in ("1", "2"):
+        assert f"phase{phase}: ours / original =" in proc.stdout, proc.stdout
+    for row in ("original", "ours", "ours --activation_checkpointing"):
+        rows = re.findall(rf"^{re.escape(row)}\s+-\s+\d+\s+\d+\s+[\d.]+x\s+nan\s+(\w+)$", proc.stdout, re.MULTILINE)
+        assert rows == ["yes", "yes"], proc.stdout

@@ -233,3 +233,32 @@ def test_discriminators_load_from_a_full_phase1_file():
         load_discriminators(bad, {"D2": FCDiscriminator(19, 64)}, "bad.pth")
     with pytest.raises(CheckpointError, match=r"shape mismatch for D1/conv1\.weight"):  # a --layer 2 D1
         load_discriminators(ckpt, {"D1": FCDiscriminator(512, 32)}, "l2.pth")
+
+
+@pytest.mark.parametrize("layer, expected", [(0, ["layer2", "layer3", "layer4"]), (2, ["layer3", "layer4"])])
+def test_activation_checkpointing_same_gradients_and_statistics(layer, expected):
+    """--activation_checkpointing: the same outputs, gradients and batch-norm running statistics
+    (updated once, not again in the recomputation), and far fewer tensors kept for the backward."""
+    torch.manual_seed(0)
+    plain = DecoupleNet(layer=layer, decoupled=False, aux=False).train()
+    saver = DecoupleNet(layer=layer, decoupled=False, aux=False).train()
+    saver.load_state_dict(plain.state_dict())
+    assert saver.set_activation_checkpointing(True) == expected
+    x = torch.rand(2, 3, 48, 64)
+    kept = {"plain": 0, "saver": 0}  # elements of the tensors saved for the backward
+    for name, net in (("plain", plain), ("saver", saver)):
+
+        def pack(t: torch.Tensor, name: str = name) -> torch.Tensor:
+            kept[name] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x)
+        (out.square().mean() + out.mean()).backward()
+    for (k, p), q in zip(plain.named_parameters(), saver.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=f"gradient of {k}")
+    for k, b in plain.state_dict().items():  # running_mean / running_var / num_batches_tracked
+        torch.testing.assert_close(saver.state_dict()[k], b, rtol=0, atol=0, msg=f"buffer {k}")
+    assert int(saver.body[-1][0].bn1.num_batches_tracked) == 1
+    # layer 0: layer2..4 hold most of the activations; layer 2: layer3..4 still do
+    assert kept["saver"] < 0.5 * kept["plain"], kept

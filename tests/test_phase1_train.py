@@ -358,3 +358,153 @@ def test_two_iterations_match_original(parity_ensemble) -> None:
     assert np.all(z_loss <= 4.0), report
     # The exact start reproduces the first iteration to fp32 accuracy (also checked above).
     np.testing.assert_allclose(members[0]["losses"][0], expected["losses"][0], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- memory
+def test_passes_give_the_gradients_of_one_backward() -> None:
+    """The three passes (source, target, discriminators), each back-propagated before the next
+    runs, give the gradients of one backward of all six losses, and the same batch-norm state."""
+    from model import FCDiscriminator
+    from utils.options import parse_args
+    from utils.phase1 import Phase1Objective
+
+    args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1"])
+    torch.manual_seed(0)
+    modules = [DecoupleNet(layer=1).train(), FCDiscriminator(256, 32), FCDiscriminator(19, 64)]
+    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    gen = torch.Generator().manual_seed(0)
+    x_s, x_t = torch.rand(2, 3, 32, 48, generator=gen), torch.rand(2, 3, 32, 48, generator=gen)
+    y_s = torch.randint(0, 19, (2, 32, 48), generator=gen)
+
+    def run(one_backward: bool) -> dict[str, torch.Tensor]:
+        for m, sd in zip(modules, start):
+            m.load_state_dict(sd)
+            m.zero_grad(set_to_none=True)
+        objective = Phase1Objective(*modules, args, lambda q: (q.argmax(1), torch.ones(())))
+        totals = []
+        losses, held_s = objective("source", x_s, y_s)
+        totals.append(losses["total"])
+        if not one_backward:
+            totals.pop().backward()
+        losses, held_t = objective("target", x_t)
+        totals.append(losses["total"])
+        if not one_backward:
+            totals.pop().backward()
+        totals.append(objective("discriminators", *held_s, *held_t, (32, 48), (32, 48))["total"])
+        sum(totals).backward()
+        out = {f"{i}/{k}/grad": p.grad.clone() for i, m in enumerate(modules) for k, p in m.named_parameters()}
+        out.update({f"{i}/{k}": b.clone() for i, m in enumerate(modules) for k, b in m.named_buffers()})
+        return out
+
+    one, passes = run(one_backward=True), run(one_backward=False)
+    assert one.keys() == passes.keys() and len(one) > 700
+    for k, v in one.items():
+        torch.testing.assert_close(passes[k], v, rtol=1e-6, atol=1e-10, msg=k)
+
+
+def test_activation_checkpointing_same_run_and_exact_resume(run_a, synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+    """--activation_checkpointing saves memory, not results: stopped after 2 of 4 iterations and
+    resumed, both with the flag, the run ends with the weights, batch-norm statistics,
+    optimisers, discriminators, class banks and losses of run A (flag off, uninterrupted)."""
+    snap_a, _ = run_a
+    snap_c = tmp_path / "phase1_C"
+    saver = ("--activation_checkpointing",)
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snap_c, *RUN_A, *saver, "--num-steps-stop", "2"))
+    assert "activation checkpointing: layer2, layer3, layer4" in proc.stdout
+    run_script(phase1_args(synthetic_data, sourceonly_ckpt, snap_c, *RUN_A, *saver, "--num-steps-stop", "4",
+                           "--resume_from", "auto"))
+    la = torch.load(snap_a / "latest.pth", map_location="cpu", weights_only=True)
+    lc = torch.load(snap_c / "latest.pth", map_location="cpu", weights_only=True)
+    assert lc["iteration"] == 4
+    for key in ("model", "extra_modules", "optimizers", "stage_state", "scaler"):
+        assert_same_state(la[key], lc[key], f"latest.pth/{key}")
+    metrics = read_metrics(snap_c)
+    assert metrics == read_metrics(snap_a)
+    # peak GPU memory (max_mem_mib) is a CUDA-only key: left out of every line on the CPU
+    assert len(metrics) == 4 and not any("max_mem_mib" in m for m in metrics), metrics
+
+
+def test_peak_memory_is_reported_on_cuda_only(monkeypatch) -> None:
+    """The log line and metrics.jsonl get torch.cuda.max_memory_allocated on CUDA, nothing on the CPU."""
+    from utils.engine import peak_memory_mib, peak_memory_text
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 + 2**19)
+    assert peak_memory_mib(torch.device("cuda", 0)) == 3.5
+    assert peak_memory_text(torch.device("cuda", 0)) == ", peak GPU memory 4 MiB"
+    assert peak_memory_mib(torch.device("cpu")) is None
+    assert peak_memory_text(torch.device("cpu")) == ""
+
+
+def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: the engine's iteration (three passes per micro-batch, ``--iter-size 2``,
+    ``no_sync`` for all but the last backward) through one DDP wrapper, on this rank's own data;
+    beside it the same passes on an unwrapped copy, gradients averaged over ranks by hand."""
+    import copy
+
+    import torch.distributed as dist
+
+    from model import FCDiscriminator
+    from utils.distributed import DistEnv
+    from utils.engine import Trainer, prepare_for_training
+    from utils.options import parse_args
+    from utils.phase1 import Phase1Objective, Phase1Stage
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1", "--iter-size", "2",
+                                           "--batch-size", "2"])
+    torch.manual_seed(0)
+    modules = [DecoupleNet(layer=1).train(), FCDiscriminator(256, 32), FCDiscriminator(19, 64)]
+    reference = Phase1Objective(*copy.deepcopy(modules), args, lambda q: (q.argmax(1), torch.ones(())))
+    env = DistEnv(rank=rank, world_size=2)
+    stage = Phase1Stage(args, env)
+    stage.model = prepare_for_training(Phase1Objective(*modules, args, lambda q: (q.argmax(1), torch.ones(()))),
+                                       env, args, find_unused_parameters=True)
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own crops
+
+    def crop() -> dict:
+        return {"img": torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8, generator=gen),
+                "label": torch.randint(0, 19, (1, 32, 48), dtype=torch.uint8, generator=gen)}
+
+    micro = [(crop(), crop()) for _ in range(2)]
+    Trainer(stage, None, None).accumulate_gradients(0, iter(micro))
+    for src, tgt in micro:
+        img = [b["img"].float() / 255 for b in (src, tgt)]
+        losses, held_s = reference("source", img[0], src["label"].long())
+        (losses["total"] / 2).backward()
+        losses, held_t = reference("target", img[1])
+        (losses["total"] / 2).backward()
+        (reference("discriminators", *held_s, *held_t, (32, 48), (32, 48))["total"] / 2).backward()
+    worst, local_gap, count = 0.0, 0.0, 0
+    for (name, p), q in zip(stage.model.module.named_parameters(), reference.parameters()):
+        expected = q.grad.clone()
+        dist.all_reduce(expected)
+        expected /= 2
+        scale = expected.abs().max().item() + 1e-12
+        worst = max(worst, (p.grad - expected).abs().max().item() / scale)
+        # how far this rank's own gradient is from the average: a missing all-reduce would show
+        local_gap = max(local_gap, (q.grad - expected).abs().max().item() / scale)
+        count += 1
+    if rank == 0:
+        torch.save({"worst": worst, "local_gap": local_gap, "count": count}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_passes_all_reduce_every_gradient(tmp_path) -> None:
+    """Two gloo ranks on different data: after the engine's passes (source and target under
+    ``no_sync``, the discriminators' pass synced, which reaches only D1 and D2), every gradient
+    of the network, D1 and D2 is the average over ranks of the single-process gradients,
+    ``--iter-size 2`` included."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.pt"
+    mp.spawn(_ddp_passes_worker, args=(port, str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    assert result["count"] > 300 and result["local_gap"] > 1e-2, result  # the ranks' gradients do differ
+    assert result["worst"] <= 1e-4, result

@@ -206,9 +206,16 @@ def phase2_start(tmp_path_factory) -> tuple[Path, dict]:
 
 
 # ---------------------------------------------------------------------------- phase 1
-def test_phase1_two_iterations_match_original(wc_start, tmp_path) -> None:
+# The memory saver must not change the updates: phase1_step_wc and phase2_step run with it too.
+SAVER = pytest.mark.parametrize("saver", [(), ("--activation_checkpointing",)], ids=["default", "checkpointing"])
+
+
+@SAVER
+def test_phase1_two_iterations_match_original(wc_start, tmp_path, saver) -> None:
     start, before = wc_start
-    run_script(phase1_argv(start, tmp_path / "snap", "--lambda_adv_src", "0", "--lambda_adv_tgt", "0"))
+    proc = run_script(phase1_argv(start, tmp_path / "snap", "--lambda_adv_src", "0", "--lambda_adv_tgt", "0", *saver))
+    assert ("activation checkpointing: layer2, layer3, layer4" in proc.stdout) == \
+        ("--activation_checkpointing" in [*saver, *extra_args(1)])
     check_phase1_run(tmp_path / "snap", np.load(WC), before)
 
 
@@ -264,9 +271,12 @@ def test_phase1_file_loads_as_the_original_loads_it(adv_run) -> None:
 
 
 # ---------------------------------------------------------------------------- phase 2
-def test_phase2_two_iterations_match_original(phase2_start, tmp_path) -> None:
+@SAVER
+def test_phase2_two_iterations_match_original(phase2_start, tmp_path, saver) -> None:
     start, before = phase2_start
-    run_script(phase2_argv(start, tmp_path / "snap"))
+    proc = run_script(phase2_argv(start, tmp_path / "snap", *saver))
+    assert ("activation checkpointing: layer2, layer3, layer4" in proc.stdout) == \
+        ("--activation_checkpointing" in [*saver, *extra_args(2)])
     check_phase2_run(tmp_path / "snap", np.load(PHASE2 / "phase2_two_steps.npz"), before)
 
 

@@ -390,9 +390,17 @@ def compile_network(net: DecoupleNet, backend: str = "inductor") -> list[str]:
     return names
 
 
-def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any) -> nn.Module:
+def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
+                         find_unused_parameters: bool = False) -> nn.Module:
     """Move to the device, SyncBatchNorm + one DDP wrapper under CUDA DDP, channels_last,
-    ``--compile``; on CUDA also cuDNN autotuning (training crops have one fixed size)."""
+    ``--compile``, ``--activation_checkpointing``; on CUDA also cuDNN autotuning (training crops
+    have one fixed size).
+
+    ``find_unused_parameters``: the iteration's last pass (the one whose backward DDP all-reduces,
+    see :meth:`Trainer.accumulate_gradients`) does not reach every parameter; DDP then finds the
+    others in that pass's graph and all-reduces the gradients they accumulated in the earlier
+    passes.
+    """
     module = module.to(env.device)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -400,15 +408,19 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any) -> nn.Mo
         module = module.to(memory_format=torch.channels_last)
     if env.world_size > 1 and env.device.type == "cuda" and not args.freeze_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    nets = [m for m in module.modules() if isinstance(m, DecoupleNet)]
+    if getattr(args, "activation_checkpointing", False):
+        for net in nets:
+            LOG.info("activation checkpointing: %s", ", ".join(net.set_activation_checkpointing(True)))
     if getattr(args, "compile", False):
-        nets = [m for m in module.modules() if isinstance(m, DecoupleNet)]
         for net in nets:
             LOG.info("torch.compile: %s", ", ".join(compile_network(net)))
     if env.world_size > 1:
         ids = [env.device.index] if env.device.type == "cuda" else None
         with warnings.catch_warnings():  # its replacement would sync buffers at init; we keep them per rank
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                                         find_unused_parameters=find_unused_parameters)
     return module
 
 
@@ -637,8 +649,10 @@ class Stage:
     def batches(self, start_iter: int) -> Iterator[tuple]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:  # pragma: no cover - abstract
-        """Forward + loss for one micro-batch; returns losses (``total`` is back-propagated)."""
+    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:  # pragma: no cover
+        """The passes of one micro-batch, in order. Each pass runs a forward and returns its losses;
+        the trainer back-propagates a pass's ``total`` before it calls the next pass, so only one
+        pass's activations are alive at a time. Passes hand on what later ones need (detached)."""
         raise NotImplementedError
 
     def official_state(self) -> dict:
@@ -687,6 +701,7 @@ class Trainer:
         self.start_iter = 0
         self.best_miou = 0.0
         self.best_path: str | None = None
+        self.nan_at: int | None = None  # tests only: the iteration whose losses become NaN
 
     # ------------------------------------------------------------------ state
     def stage_modules(self) -> dict[str, nn.Module]:
@@ -822,6 +837,55 @@ class Trainer:
                 f"training state is {os.path.join(self.args.snapshot_dir, LATEST)}"
             )
 
+    def gradient_sync(self, sync: bool):
+        """Context of one forward + backward: DDP all-reduces the gradients only when ``sync``;
+        otherwise they accumulate locally (``no_sync``)."""
+        model = self.stage.model
+        if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def accumulate_gradients(self, it: int, batches: Iterator[tuple]) -> dict[str, Tensor]:
+        """Forward and backward of one iteration's ``--iter-size`` micro-batches.
+
+        Every micro-batch runs the stage's passes in order (:meth:`Stage.step`; phase 1: source,
+        target, discriminators), each back-propagated before the next starts, as the original
+        does: the gradients are the same sums as one backward of all losses, and only one pass's
+        activations are alive at a time. Under DDP only the iteration's last backward all-reduces
+        the gradients. Returns the losses of this rank, averaged over the micro-batches.
+        """
+        args = self.args
+        sums: dict[str, Tensor] = {}
+        for sub in range(args.iter_size):
+            passes = self.stage.step(it, next(batches))
+            for k, run_pass in enumerate(passes):
+                with self.gradient_sync(sub == args.iter_size - 1 and k == len(passes) - 1):
+                    losses = run_pass()
+                    if it == self.nan_at:
+                        losses["total"] = losses["total"] * float("nan")
+                    self.scaler.scale(losses["total"] / args.iter_size).backward()
+                for name, v in losses.items():
+                    sums[name] = sums.get(name, 0) + v.detach().float() / args.iter_size
+        return sums
+
+    def train_step(self, it: int, batches: Iterator[tuple]) -> dict[str, float]:
+        """One iteration: learning rates, gradients (:meth:`accumulate_gradients`), the NaN check,
+        the optimizer steps. Returns the losses averaged over micro-batches and ranks."""
+        args, stage = self.args, self.stage
+        for opt, base in stage.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+            set_lr(opt, base, it, args)
+        sums = self.accumulate_gradients(it, batches)
+        names = sorted(sums)
+        values = torch.stack([sums[k] for k in names])
+        du.all_reduce_sum(values)
+        values = (values / self.env.world_size).cpu()
+        self.check_finite(values, names, it)
+        for opt, _ in stage.optimizers.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+        return dict(zip(names, values.tolist()))
+
     def train(self) -> None:
         args, env, stage = self.args, self.env, self.stage
         stop = args.num_steps_stop
@@ -831,39 +895,16 @@ class Trainer:
         t0 = time.time()
         fault = injected_fault()  # tests only ($DECOUPLENET_FAULT, see utils.checkpoint)
         kill_at = int(fault[1]) if fault and fault[0] == "kill_at_iter" else None
-        nan_at = int(fault[1]) if fault and fault[0] == "nan_at_iter" else None
+        self.nan_at = int(fault[1]) if fault and fault[0] == "nan_at_iter" else None
         for it in range(self.start_iter, stop):
             if it == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            for opt, base in stage.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-                set_lr(opt, base, it, args)
-            sums: dict[str, Tensor] = {}
-            for sub in range(args.iter_size):
-                batch = next(batches)
-                sync = sub == args.iter_size - 1
-                ctx = (stage.model.no_sync() if not sync and isinstance(stage.model, nn.parallel.DistributedDataParallel)
-                       else contextlib.nullcontext())
-                with ctx:
-                    losses = stage.step(it, batch)
-                    if it == nan_at:
-                        losses["total"] = losses["total"] * float("nan")
-                    self.scaler.scale(losses["total"] / args.iter_size).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / args.iter_size
-            names = sorted(sums)
-            values = torch.stack([sums[k] for k in names])
-            du.all_reduce_sum(values)
-            values = (values / env.world_size).cpu()
+            logged = self.train_step(it, batches)
             quality = monitor.collect() if monitor is not None else {}  # pseudo_acc (ground truth: monitoring only)
-            self.check_finite(values, names, it)
-            for opt, _ in stage.optimizers.values():
-                self.scaler.step(opt)
-            self.scaler.update()
             bar.update(1)
-            logged = dict(zip(names, values.tolist()))
             if env.is_main:
-                self.append_metrics(it, {**logged, **quality})
+                mem = peak_memory_mib(env.device)  # CUDA only: the key is left out on the CPU
+                self.append_metrics(it, {**logged, **quality, **({} if mem is None else {"max_mem_mib": mem})})
                 if self.writer is not None and it % 10 == 0:
                     for k, v in logged.items():
                         self.writer.add_scalar(f"train/{k}", v, it)
@@ -877,8 +918,8 @@ class Trainer:
                     if monitor is not None:
                         text += ", " + monitor.console_text()
                     bar.set_postfix_str(text[:80])
-                    LOG.info("iter = %8d/%8d, %s (%.2fs/it)", it, args.num_steps, text,
-                             (time.time() - t0) / max(1, it - self.start_iter + 1))
+                    LOG.info("iter = %8d/%8d, %s (%.2fs/it%s)", it, args.num_steps, text,
+                             (time.time() - t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
             if it >= stop - 1:
                 if env.is_main:
                     self.save_official(f"{stage.checkpoint_prefix}_{stop}.pth")
@@ -893,6 +934,20 @@ class Trainer:
         du.barrier()
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak GPU memory of this process so far (``torch.cuda.max_memory_allocated``) in MiB on
+    CUDA; ``None`` elsewhere (the CPU has no such counter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def peak_memory_text(device: torch.device) -> str:
+    """``", peak GPU memory N MiB"`` (:func:`peak_memory_mib`) on CUDA, ``""`` elsewhere."""
+    mib = peak_memory_mib(device)
+    return "" if mib is None else f", peak GPU memory {mib:.0f} MiB"
 
 
 def val_loader(args: Any, env: du.DistEnv) -> DataLoader:

@@ -87,6 +87,10 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the stems, body and head (in place; checkpoints unchanged)")
+    if stage in ("phase1", "phase2", "source_only"):
+        g.add_argument("--activation_checkpointing", action="store_true",
+                       help="recompute the activations of layer2..layer4 in the backward instead of keeping "
+                            "them: much less GPU memory for about one more forward of the body; same updates")
     g = p.add_argument_group("data")
     g.add_argument("--src_dataset", default="gta5", choices=["gta5", "synthia"])
     g.add_argument("--tgt_dataset", default="cityscapes_train")
@@ -216,6 +220,8 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         raise OptionError(f"--save_latest_every: must be positive, got {args.save_latest_every}")
     if args.num_classes not in (19, 16, 13):
         raise OptionError(f"--num-classes: must be 19, 16 or 13, got {args.num_classes}")
+    if getattr(args, "activation_checkpointing", False) and args.compile:
+        raise OptionError("--activation_checkpointing: cannot be combined with --compile; use one of them")
     if args.amp is None:
         args.amp = "fp16" if torch.cuda.is_available() and not args.cpu else "off"
     if args.amp != "off" and (args.cpu or not torch.cuda.is_available()) and args.amp == "fp16":

@@ -1,20 +1,22 @@
 """Phase 1: decoupled stems, two discriminators, Self-Discrimination with online thresholds.
 
-SPEC section 3. One iteration (per micro-batch) is one forward of :class:`Phase1Objective`,
+One iteration (per micro-batch) is three passes of :class:`Phase1Objective`,
 which holds the network and both discriminators so that a single DDP wrapper covers every
-parameter and a single backward replaces the original's six (gradients are the same sums).
+parameter: source, target, discriminators, each back-propagated before the next starts, as the
+original does (its six backward calls become three; the gradients are the same sums).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import load_group_state
@@ -48,7 +50,7 @@ def frozen(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` with its parameters detached: gradients reach ``x`` but not the module.
 
     This is the original's ``requires_grad=False`` around the generator's adversarial terms,
-    without mutating the module (so one backward can also train the discriminator).
+    without mutating the module (its parameters keep requiring gradients, as DDP expects).
     """
     params = {k: v.detach() for k, v in module.named_parameters()}
     return functional_call(module, params, (x,))
@@ -74,7 +76,17 @@ def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin:
 
 
 class Phase1Objective(nn.Module):
-    """Network + D1 + D2; ``forward`` returns every loss of SPEC section 3 steps 3-5."""
+    """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration.
+
+    An iteration calls it three times, once per pass, and back-propagates each pass's ``total``
+    before the next pass starts, in the original's order: ``"source"`` (segmentation and
+    adversarial losses of the source crop), ``"target"`` (Self-Discrimination and adversarial
+    losses of the target crop), ``"discriminators"`` (D1 and D2 on the detached features and
+    predictions of both). So only one pass's activations are alive at a time, as in the
+    original. The first two passes also return the detached tensors the third one needs.
+    """
+
+    PASSES = ("source", "target", "discriminators")
 
     def __init__(self, net: DecoupleNet, d1: FCDiscriminator, d2: FCDiscriminator, args: Any,
                  pseudo_label_fn) -> None:
@@ -82,17 +94,42 @@ class Phase1Objective(nn.Module):
         self.net, self.d1, self.d2 = net, d1, d2
         self.args = args
         self.pseudo_label_fn = pseudo_label_fn
+        self.recompute_d1_input = bool(getattr(args, "activation_checkpointing", False))
 
-    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor) -> dict[str, Tensor]:
+    def forward(self, part: str, *inputs: Any) -> Any:
+        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
+        if part not in self.PASSES:
+            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
+        return getattr(self, part)(*inputs)
+
+    def d1_on_image(self, f: Tensor, hw: tuple[int, int] | torch.Size, frozen_d1: bool = False) -> Tensor:
+        """D1 on stem features ``f`` upsampled to the image size ``hw`` (``frozen_d1``: through
+        detached D1 parameters). Under ``--activation_checkpointing`` the full-resolution input
+        and D1's activations are recomputed in the backward instead of kept."""
+        def run(features: Tensor) -> Tensor:
+            x = upsample(features, hw)
+            return frozen(self.d1, x) if frozen_d1 else self.d1(x)
+
+        if self.recompute_d1_input and torch.is_grad_enabled():
+            return checkpoint(run, f, use_reentrant=False)
+        return run(f)
+
+    def source(self, x_s: Tensor, y_s: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """Step 3: B1 -> B -> head -> cls, temperature, CE; D1 sees the stem upsampled to the image."""
         a, net = self.args, self.net
-        crop = y_s.shape[-2:]
-        # 3. source: B1 -> B -> head -> cls, temperature, CE; D1 sees the stem upsampled to the image.
         f_s = net.stem(x_s, "source")
-        p_s = upsample(net.classifier(net.decode(f_s)), crop) / TEMPERATURE
+        # The adversarial term first: the backward then reaches it last, after the body's
+        # activations are freed (a lower peak; the same values and gradients).
+        loss_adv_src = a.lambda_adv_src * gan_loss(a.gan, self.d1_on_image(f_s, x_s.shape[-2:], frozen_d1=True),
+                                                   TARGET_LABEL)
+        p_s = upsample(net.classifier(net.decode(f_s)), y_s.shape[-2:]) / TEMPERATURE
         loss_seg = cross_entropy(p_s, y_s, a.ignore_label)
-        f_s_img = upsample(f_s, x_s.shape[-2:])
-        loss_adv_src = a.lambda_adv_src * gan_loss(a.gan, frozen(self.d1, f_s_img), TARGET_LABEL)
-        # 4. target: B2 -> B -> head; online pseudo labels for the aux classifier (at 1/8).
+        losses = {"total": loss_seg + loss_adv_src, "loss_seg": loss_seg, "loss_adv_src": loss_adv_src}
+        return losses, (f_s.detach(), p_s.detach())
+
+    def target(self, x_t: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """Step 4: B2 -> B -> head; online pseudo labels for the aux classifier (at 1/8)."""
+        a, net = self.args, self.net
         f_t = net.stem(x_t, "target")
         h_t = net.decode(f_t)
         q = net.classifier(h_t)
@@ -101,16 +138,19 @@ class Phase1Objective(nn.Module):
         loss_st = a.lambda_st * cross_entropy(net.aux_classifier(h_t), pseudo, a.ignore_label)
         p_t = upsample(q, x_t.shape[-2:]) / TEMPERATURE
         loss_adv_tgt = a.lambda_adv_tgt * gan_loss(a.gan, frozen(self.d2, F.softmax(p_t, 1)), SOURCE_LABEL)
-        # 5. discriminators on detached inputs.
-        f_t_img = upsample(f_t.detach(), x_t.shape[-2:])
-        loss_d1 = 0.5 * gan_loss(a.gan, self.d1(f_s_img.detach()), SOURCE_LABEL) + \
-            0.5 * gan_loss(a.gan, self.d1(f_t_img), TARGET_LABEL)
-        loss_d2 = 0.5 * gan_loss(a.gan, self.d2(F.softmax(p_s.detach(), 1)), SOURCE_LABEL) + \
-            0.5 * gan_loss(a.gan, self.d2(F.softmax(p_t.detach(), 1)), TARGET_LABEL)
-        total = loss_seg + loss_adv_src + loss_st + loss_adv_tgt + loss_d1 + loss_d2
-        return {"total": total, "loss_seg": loss_seg, "loss_adv_src": loss_adv_src, "loss_st": loss_st,
-                "loss_adv_tgt": loss_adv_tgt, "loss_D1": loss_d1, "loss_D2": loss_d2,
-                "pseudo_kept": kept}
+        losses = {"total": loss_st + loss_adv_tgt, "loss_st": loss_st, "loss_adv_tgt": loss_adv_tgt,
+                  "pseudo_kept": kept}
+        return losses, (f_t.detach(), p_t.detach())
+
+    def discriminators(self, f_s: Tensor, p_s: Tensor, f_t: Tensor, p_t: Tensor,
+                       src_hw: tuple[int, int], tgt_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Step 5: D1 on the stems upsampled to the images, D2 on the softmax predictions."""
+        a = self.args
+        loss_d1 = 0.5 * gan_loss(a.gan, self.d1_on_image(f_s, src_hw), SOURCE_LABEL) + \
+            0.5 * gan_loss(a.gan, self.d1_on_image(f_t, tgt_hw), TARGET_LABEL)
+        loss_d2 = 0.5 * gan_loss(a.gan, self.d2(F.softmax(p_s, 1)), SOURCE_LABEL) + \
+            0.5 * gan_loss(a.gan, self.d2(F.softmax(p_t, 1)), TARGET_LABEL)
+        return {"total": loss_d1 + loss_d2, "loss_D1": loss_d1, "loss_D2": loss_d2}
 
 
 class Phase1Stage(Stage):
@@ -137,7 +177,8 @@ class Phase1Stage(Stage):
         self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
                                              device=env.device)
         objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
-        self.model = prepare_for_training(objective, env, args)
+        # The last pass (discriminators) reaches D1 and D2 only: see prepare_for_training.
+        self.model = prepare_for_training(objective, env, args, find_unused_parameters=True)
         inner = unwrap(self.model)
         self.net, self.d1, self.d2 = inner.net, inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
@@ -188,14 +229,30 @@ class Phase1Stage(Stage):
         self.pseudo_monitor = make_monitor(target, args, self.env, LOG)
         return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir), target)
 
-    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
+        """The three passes of :class:`Phase1Objective`; the first two hand their detached
+        features and predictions to the third."""
         src, tgt = batch
-        y_s = to_device_label(src["label"], self.env.device)
-        with autocast(self.args, self.env.device):
-            losses = self.model(self.image(src), y_s, self.image(tgt))
-        if self.pseudo_monitor is not None:  # the aux classifier's labels (stride 8) vs the crop's ground truth
-            self.pseudo_monitor.observe_stride8(self.last_pseudo, to_device_label(tgt["label"], self.env.device))
-        return losses
+        dev, held = self.env.device, {}
+
+        def source() -> dict[str, Tensor]:
+            with autocast(self.args, dev):
+                losses, held["source"] = self.model("source", self.image(src), to_device_label(src["label"], dev))
+            return losses
+
+        def target() -> dict[str, Tensor]:
+            with autocast(self.args, dev):
+                losses, held["target"] = self.model("target", self.image(tgt))
+            if self.pseudo_monitor is not None:  # the aux classifier's labels (stride 8) vs the crop's ground truth
+                self.pseudo_monitor.observe_stride8(self.last_pseudo, to_device_label(tgt["label"], dev))
+            return losses
+
+        def discriminators() -> dict[str, Tensor]:
+            with autocast(self.args, dev):
+                return self.model("discriminators", *held.pop("source"), *held.pop("target"),
+                                  tuple(src["img"].shape[-2:]), tuple(tgt["img"].shape[-2:]))
+
+        return [source, target, discriminators]
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         from datasets.labels import class_names

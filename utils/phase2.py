@@ -3,12 +3,14 @@
 One network (the target branch of phase 1). Each iteration: the source CE, then pseudo
 labels for the target crop fused from the saved soft label and the network's own
 prediction on the whole image (both carried through the crop's augmentation on the
-training device), then the target CE. One DDP wrapper, one backward.
+training device), then the target CE. One DDP wrapper; the source loss is back-propagated
+before the target pass, as the original does.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,18 +53,31 @@ def load_thresholds(path: str, num_classes: int) -> np.ndarray:
 
 
 class Phase2Objective(nn.Module):
-    """Network wrapper computing the source and target losses of one phase-2 iteration."""
+    """Network wrapper computing the losses of one phase-2 iteration in two passes, ``"source"``
+    and ``"target"``; the source loss is back-propagated before the target pass starts, as the
+    original does, so only one pass's activations are alive at a time."""
+
+    PASSES = ("source", "target")
 
     def __init__(self, net: DecoupleNet, args: Any) -> None:
         super().__init__()
         self.net = net
         self.args = args
 
-    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor, img_full: Tensor, soft: Tensor,
-                resized_hw: Tensor, crop_box: Tensor, flip: Tensor, thresholds: Tensor) -> dict[str, Tensor]:
+    def forward(self, part: str, *inputs: Any) -> dict[str, Tensor]:
+        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
+        if part not in self.PASSES:
+            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
+        return getattr(self, part)(*inputs)
+
+    def source(self, x_s: Tensor, y_s: Tensor) -> dict[str, Tensor]:
+        """1. Source CE through the target stem (no temperature)."""
+        loss_src = cross_entropy(upsample(self.net(x_s), y_s.shape[-2:]), y_s, self.args.ignore_label)
+        return {"total": self.args.src_loss_weight * loss_src, "loss_src_seg": loss_src}
+
+    def target(self, x_t: Tensor, img_full: Tensor, soft: Tensor, resized_hw: Tensor, crop_box: Tensor,
+               flip: Tensor, thresholds: Tensor) -> dict[str, Tensor]:
         a, net = self.args, self.net
-        # 1. source CE through the target stem (no temperature).
-        loss_src = cross_entropy(upsample(net(x_s), y_s.shape[-2:]), y_s, a.ignore_label)
         crop_hw = tuple(x_t.shape[-2:])
         # 2. pseudo labels (no grad; the network stays in train mode, as the original).
         with torch.no_grad():
@@ -72,11 +87,9 @@ class Phase2Objective(nn.Module):
             pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, a.ignore_label)
         # 3. target CE on the fused pseudo labels.
         loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, a.ignore_label)
-        total = a.src_loss_weight * loss_src + loss_seg
         kept = (pseudo != a.ignore_label).float().mean()
         # pseudo_labels: not a loss; Phase2Stage.step takes it out (pseudo-label accuracy)
-        return {"total": total, "loss_src_seg": loss_src, "loss_seg": loss_seg, "pseudo_kept": kept,
-                "pseudo_labels": pseudo}
+        return {"total": loss_seg, "loss_seg": loss_seg, "pseudo_kept": kept, "pseudo_labels": pseudo}
 
 
 class Phase2Stage(Stage):
@@ -112,18 +125,26 @@ class Phase2Stage(Stage):
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir),
                                    self.target_set)
 
-    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
+        """The two passes of :class:`Phase2Objective`."""
         src, tgt = batch
         dev = self.env.device
-        y_s = to_device_label(src["label"], dev)
-        soft = tgt["soft_label"].to(dev, non_blocking=True)
-        with autocast(self.args, dev):
-            losses = self.model(self.image(src), y_s, self.image(tgt), self.image(tgt, "img_full"), soft,
-                                tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
-        pseudo = losses.pop("pseudo_labels")
-        if self.pseudo_monitor is not None:  # the fused labels vs the crop's ground truth
-            self.pseudo_monitor.observe(pseudo, to_device_label(tgt["label"], dev))
-        return losses
+
+        def source() -> dict[str, Tensor]:
+            with autocast(self.args, dev):
+                return self.model("source", self.image(src), to_device_label(src["label"], dev))
+
+        def target() -> dict[str, Tensor]:
+            soft = tgt["soft_label"].to(dev, non_blocking=True)
+            with autocast(self.args, dev):
+                losses = self.model("target", self.image(tgt), self.image(tgt, "img_full"), soft,
+                                    tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
+            pseudo = losses.pop("pseudo_labels")
+            if self.pseudo_monitor is not None:  # the fused labels vs the crop's ground truth
+                self.pseudo_monitor.observe(pseudo, to_device_label(tgt["label"], dev))
+            return losses
+
+        return [source, target]
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         if it == 0 or it % 1000 == 0:

@@ -7,6 +7,7 @@ Same engine, SGD and poly schedule as the other stages; plain CE (no temperature
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -57,10 +58,14 @@ class SourceOnlyStage(Stage):
 
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir))
 
-    def step(self, it: int, batch: tuple) -> dict[str, Tensor]:
+    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
         (src,) = batch
-        with autocast(self.args, self.env.device):
-            return self.model(self.image(src), to_device_label(src["label"], self.env.device))
+
+        def source() -> dict[str, Tensor]:
+            with autocast(self.args, self.env.device):
+                return self.model(self.image(src), to_device_label(src["label"], self.env.device))
+
+        return [source]
 
 
 def export_sourceonly(stage: SourceOnlyStage) -> str:
