@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from utils.engine import main_entry, setup_run, training_worker
-from utils.evaluation import run_evaluation
-from utils.options import parse_args
+from engine.launch import main_entry, setup_run, training_worker
+from engine.options import parse_args
+from stages.evaluation import run_evaluation
 
 
 def worker(env, args: Any) -> None:

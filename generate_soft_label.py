@@ -1,4 +1,4 @@
-"""Write the target-branch logits of every Cityscapes train image (SPEC section 4).
+"""Write the target-branch logits of every Cityscapes train image (docs/METHOD.md section 4).
 
     python3 generate_soft_label.py --snapshot-dir ./snapshots/GTA2Cityscapes_generate_soft_labels \\
         --batch-size 8 --gpus 0,1,2,3 --dist --tensorboard --batch_size_val 4 --resume PHASE1.pth \\
@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from utils.engine import main_entry, seed_everything, setup_run, training_worker
-from utils.options import parse_args
-from utils.soft_labels import generate_soft_labels
+from engine.launch import main_entry, seed_everything, setup_run, training_worker
+from engine.options import parse_args
+from stages.soft_labels import generate_soft_labels
 
 
 def worker(env, args: Any) -> None:

@@ -1,4 +1,4 @@
-"""Phase 1 of DecoupleNet: decoupled stems + discriminators + Self-Discrimination (SPEC section 3).
+"""Phase 1 of DecoupleNet: decoupled stems + discriminators + Self-Discrimination (docs/METHOD.md section 3).
 
     python3 train_phase1.py --snapshot-dir ./snapshots/GTA2Cityscapes_phase1 --batch-size 8 \\
         --gpus 0,1,2,3 --dist --tensorboard --batch_size_val 4 \\
@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from utils.engine import main_entry, run_stage, seed_everything, setup_run, training_worker
-from utils.options import parse_args
-from utils.phase1 import Phase1Stage
+from engine.launch import main_entry, seed_everything, setup_run, training_worker
+from engine.options import parse_args
+from engine.trainer import run_stage
+from stages.phase1 import Phase1Stage
 
 
 def worker(env, args: Any) -> None:

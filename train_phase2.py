@@ -1,4 +1,4 @@
-"""Phase 2 of DecoupleNet: Online Enhanced Self-Training with soft pseudo labels (SPEC section 6).
+"""Phase 2 of DecoupleNet: Online Enhanced Self-Training with soft pseudo labels (docs/METHOD.md section 6).
 
     python3 train_phase2.py --snapshot-dir ./snapshots/GTA2Cityscapes_phase2 --batch-size 8 \\
         --gpus 0,1,2,3 --dist --tensorboard --learning-rate 5e-4 --batch_size_val 4 \\
@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from utils.engine import main_entry, run_stage, seed_everything, setup_run, training_worker
-from utils.options import parse_args
-from utils.phase2 import Phase2Stage
+from engine.launch import main_entry, seed_everything, setup_run, training_worker
+from engine.options import parse_args
+from engine.trainer import run_stage
+from stages.phase2 import Phase2Stage
 
 
 def worker(env, args: Any) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from utils.engine import main_entry, run_stage, seed_everything, setup_run, training_worker
-from utils.options import parse_args
-from utils.source_only import SourceOnlyStage, export_sourceonly
+from engine.launch import main_entry, seed_everything, setup_run, training_worker
+from engine.options import parse_args
+from engine.trainer import run_stage
+from stages.source_only import SourceOnlyStage, export_sourceonly
 
 
 def worker(env, args: Any) -> None:

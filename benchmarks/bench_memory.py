@@ -46,10 +46,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference_rules import reference_update
+from engine.optim import set_lr
+from engine.options import build_parser, finalize
 from model import upsample
 from utils.distributed import DistEnv
-from utils.engine import set_lr
-from utils.options import build_parser, finalize
 
 CANDIDATES = ("original", "ours", "ours --activation_checkpointing")
 TEMPERATURE = 1.8
@@ -99,8 +99,8 @@ def autocast(args, dev: torch.device):
 
 # ---------------------------------------------------------------------------- ours
 def ours_phase1(args, dev: torch.device):
-    from utils.engine import Trainer
-    from utils.phase1 import Phase1Stage
+    from engine.trainer import Trainer
+    from stages.phase1 import Phase1Stage
 
     stage = Phase1Stage(args, DistEnv(device=dev))
     stage.resuming = True  # random weights: no weight file is read
@@ -111,8 +111,10 @@ def ours_phase1(args, dev: torch.device):
 def ours_phase2(args, dev: torch.device):
     """Phase2Stage with the network, objective and optimizer of ``Phase2Stage.build``, which
     would also read a soft-label folder and a thresholds file (here: fixed thresholds 0.5)."""
-    from utils.engine import Trainer, build_network, prepare_for_training, sgd_for, unwrap
-    from utils.phase2 import Phase2Objective, Phase2Stage
+    from engine.network import build_network, prepare_for_training, unwrap
+    from engine.optim import sgd_for
+    from engine.trainer import Trainer
+    from stages.phase2 import Phase2Objective, Phase2Stage
 
     env = DistEnv(device=dev)
     stage = Phase2Stage(args, env)

@@ -1,6 +1,6 @@
 """Benchmark: seconds per phase-1 / phase-2 iteration, peak memory, optionally FLOP/s.
 
-Runs the project's real training step (``utils.phase1.Phase1Stage`` / ``utils.phase2``
+Runs the project's real training step (``stages.phase1.Phase1Stage`` / ``stages.phase2``
 objective, one DDP-free process) on random uint8 inputs of the given crop, and, with
 ``--baseline``, a straightforward re-implementation of the original's step in the same run
 (separate backward per loss, ``requires_grad`` toggling of the discriminators, confidence
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference_rules import reference_update
+from engine.options import build_parser, finalize
 from model import upsample
 from utils.distributed import DistEnv
-from utils.options import build_parser, finalize
 
 
 def make_args(device: str, crop: tuple[int, int], batch: int, amp: str, channels_last: bool, compile_: bool):
@@ -87,8 +87,8 @@ def time_steps(step, iters: int, warmup: int, device: torch.device) -> float:
 
 
 def phase1_ours(args, env: DistEnv):
-    from utils.engine import Trainer
-    from utils.phase1 import Phase1Stage
+    from engine.trainer import Trainer
+    from stages.phase1 import Phase1Stage
 
     stage = Phase1Stage(args, env)
     stage.resuming = True  # no weight files: random init is fine for timing
@@ -168,9 +168,11 @@ def phase1_straightforward(args, env: DistEnv):
 def phase2_ours(args, env: DistEnv):
     """The engine's phase-2 iteration; the network, objective and optimizer of
     ``Phase2Stage.build`` (which would also read soft labels and a thresholds file)."""
+    from engine.network import prepare_for_training, unwrap
+    from engine.optim import sgd_for
+    from engine.trainer import Trainer
     from model import DecoupleNet
-    from utils.engine import Trainer, prepare_for_training, sgd_for, unwrap
-    from utils.phase2 import Phase2Objective, Phase2Stage
+    from stages.phase2 import Phase2Objective, Phase2Stage
 
     dev = env.device
     args.src_loss_weight = 1.0

@@ -1,4 +1,4 @@
-"""Benchmark: offline class thresholds, our get_thresholds.py vs the original's rule (SPEC section 5).
+"""Benchmark: offline class thresholds, our get_thresholds.py vs the original's rule (docs/METHOD.md section 5).
 
 For each N in ``--sizes`` (default 50,200,800), N real-size soft labels (19 x 128 x 256
 float32 logits, as for a 2048x1024 Cityscapes image) are generated into a temporary
@@ -51,7 +51,7 @@ def run_child(cmd: list[str], cwd: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    """Generate data, run both implementations per size, print a table (SPEC section 5)."""
+    """Generate data, run both implementations per size, print a table (docs/METHOD.md section 5)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="50,200,800", help="comma-separated numbers of files")
     parser.add_argument("--p", type=float, default=0.8)

@@ -1,4 +1,4 @@
-"""Benchmark: one phase-1 confidence-bank update, ours vs the original's rule (SPEC section 3).
+"""Benchmark: one phase-1 confidence-bank update, ours vs the original's rule (docs/METHOD.md section 3).
 
 Setting of the paper's training: 19 classes, banks of 100,000 values per class (already
 full), 14,336 new pixels (batch 2 per GPU at 1/8 of a 512x896 crop: 2 x 64 x 112). Both
@@ -30,7 +30,7 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 
 
 def main() -> None:
-    """Run the benchmark and print a table (SPEC section 3)."""
+    """Run the benchmark and print a table (docs/METHOD.md section 3)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.reference_rules import reference_update
     from utils.thresholds import OnlineClassThresholds

@@ -5,8 +5,8 @@ sorts. They exist only as a yardstick: the benchmarks time them against our
 implementations and the tests cross-check our results against them. Do not use them in
 training.
 
-* :func:`reference_update`: the phase-1 class-wise confidence banks (SPEC section 3).
-* :func:`original_get_thresholds`: the offline class thresholds (SPEC section 5).
+* :func:`reference_update`: the phase-1 class-wise confidence banks (docs/METHOD.md section 3).
+* :func:`original_get_thresholds`: the offline class thresholds (docs/METHOD.md section 5).
 * :class:`OriginalLoader`: the original's per-sample data-loader work (GTA5 and Cityscapes
   training samples), the yardstick of ``benchmarks/bench_data.py``.
 """
@@ -30,7 +30,7 @@ def reference_update(
     p: float,
     bank_length: int,
 ) -> np.ndarray:
-    """Update the per-class confidence banks like the original (SPEC section 3).
+    """Update the per-class confidence banks like the original (docs/METHOD.md section 3).
 
     For every class ``c`` present in ``pred``: the confidences of the pixels predicted
     ``c`` (row-major order) are appended to ``conf_bank[c]``, then
@@ -55,7 +55,7 @@ def reference_update(
 
 
 def original_get_thresholds(folder: str, p: float, num_classes: int = 19) -> np.ndarray:
-    """The original ``datasets/get_thresholds.py`` rule, operation for operation (SPEC section 5).
+    """The original ``datasets/get_thresholds.py`` rule, operation for operation (docs/METHOD.md section 5).
 
     Per file: ``scipy.special.softmax`` over the classes, ``argmax`` and ``max``; for each
     class present (``np.unique``), the list of that class is extended with the *NumPy float32

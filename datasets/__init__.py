@@ -1,4 +1,4 @@
-"""Data: labels, loaders, augmentation, class-balanced list, samplers (SPEC section 1).
+"""Data: labels, loaders, augmentation, class-balanced list, samplers (docs/METHOD.md section 1).
 
 Importing the package is cheap: only the NumPy-level label helpers and the error type
 are loaded eagerly; the loaders (which need torch / OpenCV) load on first use.

@@ -13,8 +13,11 @@ from datasets.class_balance import class_balanced_list
 from datasets.errors import DatasetError
 from datasets.gta5 import GTA5Dataset
 from datasets.label_info import load_label_info
+from datasets.loader import make_loader
 from datasets.sampler import ShardSampler, StreamSampler
+from datasets.synthia import SynthiaDataset
 from datasets.transforms import JointAugment
+from utils.checkpoint import atomic_write
 
 
 def require_root(path: str, flag: str) -> str:
@@ -25,7 +28,7 @@ def require_root(path: str, flag: str) -> str:
 
 
 def make_augment(args: Any, colour: bool = True) -> JointAugment:
-    """The joint augmentation of SPEC section 1 from ``--resize --rcrop --hflip --clrjit_params --noaug``."""
+    """The joint augmentation of docs/METHOD.md section 1 from ``--resize --rcrop --hflip --clrjit_params --noaug``."""
     return JointAugment(
         resize=args.resize,
         crop_wh=tuple(args.rcrop),
@@ -41,14 +44,14 @@ def class_balance_draws(args: Any) -> int:
     The original divides ``--batch-size`` by the world size before it builds the dataset and
     then multiplies the per-rank batch by the world size again: ``num_steps * (batch_size //
     world_size) * world_size`` (93,750 x 8 = 750,000 for phase 1 on 4 GPUs). ``args.world_size``
-    is set by the launcher (``utils.engine.training_worker``).
+    is set by the launcher (``engine.launch.training_worker``).
     """
     world = int(args.world_size)
     return args.num_steps * (args.batch_size // world) * world
 
 
 def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]:
-    """The class-balanced GTA5 order (SPEC section 1), cached under ``cache_dir``.
+    """The class-balanced GTA5 order (docs/METHOD.md section 1), cached under ``cache_dir``.
 
     Drawn from NumPy's generator seeded with ``--random-seed`` (as the original's
     ``np.random.seed(args.random_seed)``), :func:`class_balance_draws` draws. The cache key
@@ -73,8 +76,6 @@ def balanced_file_list(args: Any, root: str, cache_dir: str | None) -> list[str]
             pass
     names = class_balanced_list(label_to_file, file_to_label, max_iters, seed=seed, num_classes=args.num_classes)
     if cache:
-        from utils.checkpoint import atomic_write
-
         atomic_write(cache, lambda f: f.write(json.dumps(names)), mode="w")
     return names
 
@@ -83,8 +84,6 @@ def source_train_dataset(args: Any, cache_dir: str | None = None):
     """GTA5 (class-balanced order) or SYNTHIA training set."""
     require_root(args.src_rootpath, "--src_rootpath")
     if args.src_dataset == "synthia":
-        from datasets.synthia import SynthiaDataset
-
         return SynthiaDataset(args.src_rootpath, img_size=args.src_img_size, augment=make_augment(args),
                               seed=args.random_seed, num_classes=args.num_classes)
     names = balanced_file_list(args, args.src_rootpath, cache_dir)
@@ -116,7 +115,6 @@ def target_val_dataset(args: Any) -> CityscapesDataset:
 
 def stream(dataset, batch_per_rank: int, env: Any, args: Any, start_batch: int, num_workers: int) -> Iterator[dict]:
     """Endless batches of ``dataset`` for this rank, starting at batch ``start_batch``."""
-    from utils.engine import make_loader
 
     if len(dataset) == 0:
         raise DatasetError(f"{getattr(dataset, 'root', 'dataset')}: no training images")
@@ -127,7 +125,6 @@ def stream(dataset, batch_per_rank: int, env: Any, args: Any, start_batch: int, 
 
 def shard_loader(dataset, batch_per_rank: int, env: Any, num_workers: int):
     """Every sample exactly once over all ranks, no padding (validation, soft labels)."""
-    from utils.engine import make_loader
 
     sampler = ShardSampler(len(dataset), env.world_size, env.rank)
     return make_loader(dataset, sampler, batch_per_rank, num_workers, env)

@@ -3,7 +3,7 @@
     python3 -m datasets.check --src_rootpath DATA/gta5 --tgt_rootpath DATA/cityscapes \\
         [--src_dataset gta5|synthia] [--num-classes 19] [--workers N] [--headers-only]
 
-What is checked (SPEC section 1 layouts):
+What is checked (docs/METHOD.md section 1 layouts):
 
 * **GTA5**: ``images/`` and ``labels/`` exist and hold the same ``.png`` names; image and label
   sizes agree (read from the PNG headers; a different size with the same aspect ratio is a
@@ -34,7 +34,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from .errors import DatasetError
-from .labels import encode_labels, synthia_encode_labels
+from .gta5 import _split_names
+from .label_info import load_label_info
+from .labels import class_names, encode_labels, synthia_encode_labels
 from .prepare import LABEL_MODES, read_label_ids
 
 CITYSCAPES_MAX_ID = 33  # Cityscapes / GTA5 label ids are 0..33
@@ -248,8 +250,6 @@ def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 
     if not os.path.isfile(split_path):
         report.problem(f"{split_path}: GTA5 split file not found (python3 -m datasets.prepare gta5 {root} writes one)")
     else:
-        from .gta5 import _split_names
-
         try:
             listed = _split_names(split_path)
         except DatasetError as exc:
@@ -273,8 +273,6 @@ def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 
     if not os.path.isfile(info_path):
         report.problem(f"{info_path}: label-info file not found (python3 -m datasets.prepare gta5 {root} builds it)")
     else:
-        from .label_info import load_label_info
-
         try:
             label_to_file, file_to_label = load_label_info(info_path)
         except DatasetError as exc:
@@ -315,7 +313,6 @@ def _check_label_info(report: Report, info_path: str, label_to_file: list[list[s
         if name in file_to_label and sorted(file_to_label[name]) != classes:
             report.problem(f"{info_path}: classes of {name} are {sorted(file_to_label[name])}, but "
                            f"{os.path.join(labels_dir, name)} holds {classes} {rebuild}")
-    from .labels import class_names
 
     for c, name in enumerate(class_names(num_classes)):
         if not label_to_file[c]:

@@ -1,4 +1,4 @@
-"""Cityscapes target dataset (SPEC section 1, "Cityscapes (target)")."""
+"""Cityscapes target dataset (docs/METHOD.md section 1, "Cityscapes (target)")."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ _LBL_SUFFIX = "_gtFine_labelIds.png"
 def soft_label_name(image_path: str) -> str:
     """File name of an image's soft label: its basename with ``.png`` -> ``.npy``.
 
-    SPEC section 4: ``aachen_000000_000019_leftImg8bit.png`` ->
+    docs/METHOD.md section 4: ``aachen_000000_000019_leftImg8bit.png`` ->
     ``aachen_000000_000019_leftImg8bit.npy``.
     """
     return os.path.basename(image_path).removesuffix(".png") + ".npy"
@@ -52,7 +52,7 @@ class CityscapesDataset(Dataset):
     train image has one (``has_labels``; ``labels_missing`` counts the images without):
     the encoded label is resized (nearest) to ``img_size`` and goes through the same
     augmentation call as its image (resize, crop, flip), as ``label``. It serves to measure
-    pseudo-label accuracy only (utils/pseudo_quality.py); the draws of the augmentation,
+    pseudo-label accuracy only (stages/pseudo_quality.py); the draws of the augmentation,
     hence the images, are the same with or without it.
     Keys are ``int`` or ``(epoch, index)``; randomness is seeded from
     ``(seed, "target", epoch, index)``.
@@ -121,7 +121,7 @@ class CityscapesDataset(Dataset):
         return os.path.join(self.label_dir, rel)
 
     def soft_label_path(self, image_path: str) -> str:
-        """Where the soft label of an image lives (SPEC section 4)."""
+        """Where the soft label of an image lives (docs/METHOD.md section 4)."""
         if self.soft_labels_folder is None:
             raise ValueError("no soft_labels_folder was given")
         return os.path.join(self.soft_labels_folder, soft_label_name(image_path))

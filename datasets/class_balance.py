@@ -1,4 +1,4 @@
-"""Class-balanced list of GTA5 label files (SPEC section 1)."""
+"""Class-balanced list of GTA5 label files (docs/METHOD.md section 1)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def class_balanced_list(
     sub_epoch: int = 3000,
     num_classes: int = 19,
 ) -> list[str]:
-    """Return the class-balanced order of label file names (SPEC section 1).
+    """Return the class-balanced order of label file names (docs/METHOD.md section 1).
 
     Reproduces the original draw exactly: NumPy's global generator seeded with
     ``np.random.seed(seed)``; ``int(max_iters / sub_epoch) + 1`` rounds of ``sub_epoch``

@@ -1,4 +1,4 @@
-"""Offline class thresholds for phase 2 from saved soft labels (SPEC section 5).
+"""Offline class thresholds for phase 2 from saved soft labels (docs/METHOD.md section 5).
 
 Usage, exactly as the original::
 
@@ -19,7 +19,7 @@ lines. Printed after the file: per class, the threshold, the pixels whose argmax
 class and the fraction of them kept at ``P`` (winning probability >= threshold). The file is
 written atomically, with the permissions of an ordinary new file (0644 under umask 022).
 
-The rule (SPEC section 5): for every ``.npy`` logits file ``[C, H, W]``, softmax over the
+The rule (docs/METHOD.md section 5): for every ``.npy`` logits file ``[C, H, W]``, softmax over the
 classes (float32, computed like ``scipy.special.softmax``), ``cls = argmax``,
 ``prob = max``; pool ``prob`` per class over all files;
 ``thr[c] = sorted(pool_c, descending)[int(P * len(pool_c))]``.
@@ -258,7 +258,7 @@ def _class_label(c: int, num_classes: int) -> str:
 
 def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: bool = True,
                        report: dict | None = None) -> np.ndarray:
-    """Class thresholds of SPEC section 5 for the soft labels in ``folder``.
+    """Class thresholds of docs/METHOD.md section 5 for the soft labels in ``folder``.
 
     Args:
         folder: folder of ``.npy`` logits files ``[num_classes, H, W]`` (float32 or float16;
@@ -391,7 +391,7 @@ def _atomic_save(path: str, array: np.ndarray) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of SPEC section 5; returns the exit code (2 for bad input)."""
+    """Command line of docs/METHOD.md section 5; returns the exit code (2 for bad input)."""
     parser = argparse.ArgumentParser(
         description="Per-class confidence thresholds from saved soft labels (phase 2).",
     )

@@ -1,4 +1,4 @@
-"""GTA5 source dataset (SPEC section 1, "GTA5 (source)").
+"""GTA5 source dataset (docs/METHOD.md section 1, "GTA5 (source)").
 
 Also holds the small reading helpers shared by the other loaders.
 """
@@ -239,7 +239,7 @@ def _split_names(split_path: str) -> list[str]:
 class GTA5Dataset(Dataset):
     """GTA5 images and encoded labels, resized to ``img_size`` then augmented.
 
-    ``img_size`` is ``(W, H)`` (default 1914x1052, SPEC section 1). The order of samples
+    ``img_size`` is ``(W, H)`` (default 1914x1052, docs/METHOD.md section 1). The order of samples
     is ``file_list`` (the class-balanced list of label names, see
     :func:`datasets.class_balance.class_balanced_list`) when given, else every image of
     ``split.mat`` (train, val and test ids together), sorted. Keys are ``int`` or
@@ -289,11 +289,6 @@ class GTA5Dataset(Dataset):
         self.files = names
         self._warned: set[str] = set()
 
-    @property
-    def label_info_path(self) -> str:
-        """Path of ``gtav_label_info.p`` in the dataset root."""
-        return os.path.join(self.root, "gtav_label_info.p")
-
     def _check_files(self, names: list[str]) -> None:
         """Every listed name must exist in images/ and labels/ (one directory listing)."""
         images = set(os.listdir(self.image_dir))
@@ -307,6 +302,14 @@ class GTA5Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def read_ids(self, path: str, rows: int | None = None) -> np.ndarray:
+        """The label file's class ids (only its top ``rows`` rows are needed, if given)."""
+        return read_label_ids(path, rows)
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        """Class ids -> train ids (uint8, ignore 250)."""
+        return encode_labels(ids, self.num_classes)
+
     def load_pair(self, index: int, encode: bool = True) -> tuple[Image.Image, np.ndarray, str]:
         """Image (RGB PIL image) and train ids (uint8), both resized to ``img_size``.
 
@@ -317,9 +320,9 @@ class GTA5Dataset(Dataset):
         img_path = os.path.join(self.image_dir, name)
         lbl_path = os.path.join(self.label_dir, name)
         img = open_rgb(img_path)
-        ids = read_label_ids(lbl_path)
+        ids = self.read_ids(lbl_path)
         check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
-        label = encode_labels(ids, self.num_classes) if encode else ids
+        label = self.encode(ids) if encode else ids
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
@@ -342,7 +345,7 @@ class GTA5Dataset(Dataset):
                 params = aug.draw(rng, height, width)
                 img_rows, lbl_rows = aug.rows_needed(params, height, width)
                 img = open_rgb(img_path, rows=img_rows)
-                ids = read_label_ids(lbl_path, rows=lbl_rows)
+                ids = self.read_ids(lbl_path, rows=lbl_rows)
                 return img, ids, img_path, params, (height, width)
         img, ids, path = self.load_pair(index, encode=False)
         return img, ids, path, None, None
@@ -370,7 +373,7 @@ class GTA5Dataset(Dataset):
         rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
         img, ids, path, params, size_hw, used = self._load_with_skip(index, rng)
         sample = augment_or_whole(self.augment, img, ids, rng, gen, params, size_hw)
-        sample["label"] = torch.from_numpy(encode_labels(sample["label"].numpy(), self.num_classes))
+        sample["label"] = torch.from_numpy(self.encode(sample["label"].numpy()))
         sample["path"] = path
         sample["index"] = used
         return sample

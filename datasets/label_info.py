@@ -1,4 +1,4 @@
-"""Reading and writing ``gtav_label_info.p`` safely (SPEC section 1).
+"""Reading and writing ``gtav_label_info.p`` safely (docs/METHOD.md section 1).
 
 The file is a pickle of ``(label_to_file, file_to_label)``: ``label_to_file[c]`` lists
 the label file names that contain train id ``c`` and ``file_to_label[name]`` lists the
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DatasetError
+from .labels import encode_labels
 
 # (module, name) pairs the restricted unpickler may resolve. Builtin containers and
 # numbers mostly come from pickle opcodes; these are the extra globals they or NumPy
@@ -248,13 +249,12 @@ def label_info_from_folder(
 ) -> tuple[list[list[str]], dict[str, list[int]]]:
     """Build ``(label_to_file, file_to_label)`` from a folder of label-id PNGs.
 
-    Each label is encoded to train ids (SPEC section 1); a file is listed under every
+    Each label is encoded to train ids (docs/METHOD.md section 1); a file is listed under every
     train id it contains. ``names`` restricts (and orders) the files; default: every
     ``.png`` in the folder, sorted.
     """
     from PIL import Image
 
-    from .labels import encode_labels
 
     labels_dir = os.fspath(labels_dir)
     if not os.path.isdir(labels_dir):

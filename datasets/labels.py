@@ -1,4 +1,4 @@
-"""Class names, label-id encodings and the colour palette (SPEC section 1).
+"""Class names, label-id encodings and the colour palette (docs/METHOD.md section 1).
 
 Only NumPy is needed here, so this module is cheap to import.
 """
@@ -15,7 +15,7 @@ CLASS_NAMES_19: tuple[str, ...] = (
     "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
-# SYNTHIA subsets of the 19 classes (SPEC section 1), in train-id order.
+# SYNTHIA subsets of the 19 classes (docs/METHOD.md section 1), in train-id order.
 CLASS_NAMES_16: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light",
     "traffic_sign", "vegetation", "sky", "person", "rider", "car", "bus",
@@ -26,14 +26,14 @@ CLASS_NAMES_13: tuple[str, ...] = (
     "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
 )
 
-# Cityscapes label ids of the training classes, in train-id order (SPEC section 1).
+# Cityscapes label ids of the training classes, in train-id order (docs/METHOD.md section 1).
 CITYSCAPES_IDS: dict[int, tuple[int, ...]] = {
     19: (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33),
     16: (7, 8, 11, 12, 13, 17, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33),
     13: (7, 8, 11, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33),
 }
 
-# SYNTHIA-RAND-CITYSCAPES class ids in train-id order (SPEC section 1). This is the
+# SYNTHIA-RAND-CITYSCAPES class ids in train-id order (docs/METHOD.md section 1). This is the
 # mapping of the ProDA / CBST lineage for SYNTHIA-RAND-CITYSCAPES (id 3 road, 4 sidewalk,
 # 2 building, 21 wall, 5 fence, 7 pole, 15 traffic light, 9 traffic sign, 6 vegetation,
 # 1 sky, 10 person, 17 rider, 8 car, 19 bus, 12 motorcycle, 11 bicycle).
@@ -85,14 +85,14 @@ def _apply_lut(label_ids: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 def encode_labels(label_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:
-    """Cityscapes / GTA5 label ids -> train ids (uint8, ignore 250); SPEC section 1."""
+    """Cityscapes / GTA5 label ids -> train ids (uint8, ignore 250); docs/METHOD.md section 1."""
     if num_classes not in CITYSCAPES_IDS:
         raise ValueError(f"num_classes must be 19, 16 or 13, got {num_classes}")
     return _apply_lut(label_ids, _lookup_table(CITYSCAPES_IDS[num_classes]))
 
 
 def synthia_encode_labels(label_ids: np.ndarray, num_classes: int = 16) -> np.ndarray:
-    """SYNTHIA-RAND-CITYSCAPES class ids -> train ids (uint8, ignore 250); SPEC section 1."""
+    """SYNTHIA-RAND-CITYSCAPES class ids -> train ids (uint8, ignore 250); docs/METHOD.md section 1."""
     if num_classes not in SYNTHIA_IDS:
         raise ValueError(f"SYNTHIA num_classes must be 16 or 13, got {num_classes}")
     return _apply_lut(label_ids, _lookup_table(SYNTHIA_IDS[num_classes]))

@@ -2,7 +2,7 @@
 
     python3 -m datasets.prepare gta5 ROOT [--num-classes 19] [--workers N] [--quiet]
 
-* ``ROOT/gtav_label_info.p`` (SPEC section 1: ``(label_to_file, file_to_label)``, the input of
+* ``ROOT/gtav_label_info.p`` (docs/METHOD.md section 1: ``(label_to_file, file_to_label)``, the input of
   the class-balanced list) is (re)built from every ``ROOT/labels/*.png``: a file is listed
   under every train id it contains, files in sorted order. This is the rule of
   :func:`datasets.label_info.label_info_from_folder` (tested to give the same object), done
@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from .errors import DatasetError
+from .label_info import save_label_info
 from .labels import class_names, encode_labels
 
 _CHUNK = 32  # label files per work item
@@ -152,7 +153,6 @@ def prepare_gta5(root: str, num_classes: int = 19, workers: int = 1, quiet: bool
     Returns a summary dict (``labels``, ``pixels``, ``split_written``). Raises
     :class:`DatasetError` naming the folder or file on bad input.
     """
-    from .label_info import save_label_info
 
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: GTA5 root folder not found")

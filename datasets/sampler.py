@@ -86,7 +86,7 @@ class ShardSampler(Sampler):
     """Evaluation shard: rank ``r`` of ``W`` gets ``r, r + W, r + 2W, ...``.
 
     No padding: over all ranks every index appears exactly once (unlike
-    ``DistributedSampler``, which pads and double-counts; SPEC section 3).
+    ``DistributedSampler``, which pads and double-counts; docs/METHOD.md section 3).
     """
 
     def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0) -> None:

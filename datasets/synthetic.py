@@ -1,6 +1,6 @@
 """Small synthetic GTA5 / Cityscapes / SYNTHIA trees for tests and demos.
 
-``python3 -m datasets.synthetic --out DIR`` writes ``DIR/gta5`` (source layout of SPEC
+``python3 -m datasets.synthetic --out DIR`` writes ``DIR/gta5`` (source layout of docs/METHOD.md
 section 1: images/, labels/ with Cityscapes label ids, split.mat, gtav_label_info.p),
 ``DIR/cityscapes`` (leftImg8bit/ and gtFine/ for train and val) and, with ``--synthia``,
 ``DIR/synthia`` (RGB/, GT/LABELS/ 16-bit with the class id in the red channel).

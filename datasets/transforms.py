@@ -1,4 +1,4 @@
-"""Joint image / label augmentation for training (SPEC section 1, "Augmentation").
+"""Joint image / label augmentation for training (docs/METHOD.md section 1, "Augmentation").
 
 All randomness comes from the ``random.Random`` and ``torch.Generator`` passed in, so a
 sample is a pure function of its key (docs/DESIGN.md, "Deterministic sampling").
@@ -172,7 +172,7 @@ class JointAugment:
         return any(r is not None for r in self._ranges)
 
     def sample_size(self, rng: random.Random, height: int, width: int) -> tuple[int, int]:
-        """Draw the random resize ``(h, w)`` (SPEC section 1, step 1), grown to fit the crop.
+        """Draw the random resize ``(h, w)`` (docs/METHOD.md section 1, step 1), grown to fit the crop.
 
         ``w = int(uniform(0.5, 1.5) * resize)``, ``h = int(w / (W / H))``. When that is
         smaller than the crop in either dimension (the original crashes) the size is

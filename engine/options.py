@@ -1,4 +1,4 @@
-"""Command-line options shared by every script (SPEC section 7).
+"""Command-line options shared by every script (docs/METHOD.md section 7).
 
 Every flag of the original keeps its name, default and meaning, except ``--thresholds_path``
 of phase 2, which has no default (the original's ``avg`` names no file). Flags the original has
@@ -93,8 +93,11 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                             "them: much less GPU memory for about one more forward of the body; same updates")
     g = p.add_argument_group("data")
     g.add_argument("--src_dataset", default="gta5", choices=["gta5", "synthia"])
-    g.add_argument("--tgt_dataset", default="cityscapes_train")
-    g.add_argument("--tgt_val_dataset", default="cityscapes_val")
+    g.add_argument("--tgt_dataset", default="cityscapes_train", choices=["cityscapes_train"],
+                   help="the target training set; Cityscapes train is the only one, as in the original "
+                        "(the flag is kept so that the original's commands run unchanged)")
+    g.add_argument("--tgt_val_dataset", default="cityscapes_val", choices=["cityscapes_val"],
+                   help="the target validation set; Cityscapes val is the only one, as in the original")
     g.add_argument("--src_rootpath", default="datasets/gta5")
     g.add_argument("--tgt_rootpath", default="datasets/cityscapes")
     g.add_argument("--src_img_size", default=None,

@@ -1,12 +1,12 @@
 """DecoupleNet: DeepLab-v2 (ResNet-101, output stride 8) with decoupled source/target stems.
 
-SPEC section 2. The ResNet is torchvision's, built with
+docs/METHOD.md section 2. The ResNet is torchvision's, built with
 ``replace_stride_with_dilation=[False, True, True]`` and split at ``layer`` into a stem and a
 body. Phase 1 uses two copies of the stem (``source_stem`` = the original's ``model_B1``,
 ``target_stem`` = ``model_B2``) and one shared ``body`` (``model_B``); phase 2 and inference
 use only the target branch.
 
-Official checkpoint groups (SPEC section 2, "Checkpoint format") map to attributes as:
+Official checkpoint groups (docs/METHOD.md section 2, "Checkpoint format") map to attributes as:
 
 ===========================  =================
 official group               attribute
@@ -39,6 +39,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from utils.checkpoint import CheckpointError
+
 IMAGENET_WEIGHTS = os.path.join("pretrained", "resnet101-5d3b4d8f.pth")
 
 # Children of torchvision's ResNet in the order the official nn.Sequential stems/bodies use.
@@ -60,10 +62,6 @@ PHASE_GROUPS = {
     1: ("model_B1", "model_B2", "model_B", "head", "classifier", "aux_classifier"),
     2: ("model_B2", "model_B", "head", "classifier"),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the network (unknown layout, missing/unexpected key, shape)."""
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -131,7 +129,7 @@ class ResNetBody(nn.Sequential):
 
 
 class ASPPHead(nn.Module):
-    """Four parallel dilated 3x3 convolutions (6, 12, 18, 24), outputs summed (SPEC section 2).
+    """Four parallel dilated 3x3 convolutions (6, 12, 18, 24), outputs summed (docs/METHOD.md section 2).
 
     No BatchNorm and no ReLU, as in the original ``ASPP_Classifier_Gen`` head. Weights are drawn
     from N(0, 0.01); biases keep PyTorch's default initialisation of ``nn.Conv2d``, as the original
@@ -162,7 +160,7 @@ class DecoupleNet(nn.Module):
         hidden_dim: channels of the ASPP head.
         decoupled: build a separate ``source_stem`` (phase 1). When False the network has only
             the target branch (phase 2, soft labels, evaluation); ``stem(x, "source")`` then
-            uses the target stem, as phase 2 does (SPEC section 6).
+            uses the target stem, as phase 2 does (docs/METHOD.md section 6).
         aux: build the Self-Discrimination ``aux_classifier`` (phase 1).
         freeze_bn: use :class:`FrozenBatchNorm2d` everywhere in the ResNet.
 
@@ -249,7 +247,7 @@ class DecoupleNet(nn.Module):
         return [p for m in mods for p in m.parameters()]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Head + classifier (+ aux classifier), trained at ``10 * lr`` (SPEC section 3)."""
+        """Head + classifier (+ aux classifier), trained at ``10 * lr`` (docs/METHOD.md section 3)."""
         mods = [m for m in (self.head, self.classifier, self.aux_classifier) if m is not None]
         return [p for m in mods for p in m.parameters()]
 
@@ -293,7 +291,7 @@ class DecoupleNet(nn.Module):
     def load_official(self, ckpt: Mapping, origin: str = "checkpoint") -> str:
         """Load an official-format checkpoint dict; returns its layout name.
 
-        Accepted layouts (SPEC section 2): ``"phase1"`` (``model_B1/B2/B`` + head + classifier),
+        Accepted layouts (docs/METHOD.md section 2): ``"phase1"`` (``model_B1/B2/B`` + head + classifier),
         ``"phase2"`` (no ``model_B1``), ``"sourceonly"`` (``model_state_dict`` with ``backbone.*``
         ResNet keys). ``module.`` prefixes are stripped. Missing pieces are derived as the
         original does: the source stem from the target stem (phase 2 into a decoupled net), the
@@ -377,7 +375,7 @@ def load_group_state(module: nn.Module, state: Mapping[str, Tensor], group: str,
 
 
 def sourceonly_state(net: DecoupleNet) -> OrderedDict:
-    """The source-only layout (``pretrained/sourceonly.pth``, SPEC section 2) of ``net``'s target branch.
+    """The source-only layout (``pretrained/sourceonly.pth``, docs/METHOD.md section 2) of ``net``'s target branch.
 
     ``model_state_dict`` holds the ResNet as ``backbone.conv1.weight``, ``backbone.layer1.0...``;
     plus ``head_state_dict`` and ``classifier_state_dict``.

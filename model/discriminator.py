@@ -1,4 +1,4 @@
-"""Fully convolutional discriminator of the original (SPEC section 2)."""
+"""Fully convolutional discriminator of the original (docs/METHOD.md section 2)."""
 
 from __future__ import annotations
 

@@ -338,7 +338,7 @@ def soft_label_accuracy(data: str, soft: str) -> float | None:
     from datasets.cityscapes import CityscapesDataset, soft_label_name
     from datasets.gta5 import read_label_ids
     from datasets.labels import encode_labels
-    from utils.pseudo_quality import ground_truth_at_logits, pseudo_label_counts, summarize
+    from stages.pseudo_quality import ground_truth_at_logits, pseudo_label_counts, summarize
 
     ds = CityscapesDataset(os.path.join(data, "cityscapes"), split="train", img_size=(64, 64))
     counts = None

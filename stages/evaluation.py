@@ -8,10 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from datasets.build import shard_loader
+from datasets.cityscapes import CityscapesDataset
 from datasets.labels import class_names, colorize, decode_train_ids
+from datasets.loader import workers_per_rank
+from engine.common import LOG, RunError, per_rank
+from engine.network import build_network
+from engine.validation import evaluate, sample_figure
 from utils import distributed as du
 from utils.checkpoint import atomic_write
-from utils.engine import LOG, RunError, build_network, evaluate, per_rank, sample_figure, workers_per_rank
 from utils.metrics import format_iou_table, miou_subsets
 
 
@@ -21,8 +26,6 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
     Returns (and writes as JSON on rank 0) the per-class IoU, the mIoU and, for 16-class
     (SYNTHIA) models, the 16- and 13-class mIoU.
     """
-    from datasets.build import shard_loader
-    from datasets.cityscapes import CityscapesDataset
 
     if not args.resume:
         raise RunError("--resume: required (the checkpoint to evaluate)")

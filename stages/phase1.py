@@ -18,19 +18,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from datasets.build import source_train_dataset, target_train_dataset
+from datasets.labels import class_names
+from datasets.loader import to_device_label
+from engine.common import LOG
+from engine.network import build_network, prepare_for_training, unwrap
+from engine.optim import autocast, sgd_for
+from engine.trainer import Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import load_group_state
+from stages.losses import cross_entropy
+from stages.pseudo_quality import make_monitor
 from utils import distributed as du
-from utils.engine import (
-    LOG,
-    Stage,
-    autocast,
-    build_network,
-    cross_entropy,
-    prepare_for_training,
-    to_device_label,
-    unwrap,
-)
 from utils.thresholds import OnlineClassThresholds
 
 TEMPERATURE = 1.8
@@ -182,7 +181,6 @@ class Phase1Stage(Stage):
         inner = unwrap(self.model)
         self.net, self.d1, self.d2 = inner.net, inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
-        from utils.engine import sgd_for
 
         adam = {"foreach": True} if env.device.type == "cuda" else {}
         self.optimizers = {
@@ -204,7 +202,7 @@ class Phase1Stage(Stage):
         return out
 
     def pseudo_labels(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Online pseudo labels at 1/8 (SPEC section 3 step 4).
+        """Online pseudo labels at 1/8 (docs/METHOD.md section 3 step 4).
 
         Update this rank's class banks, average the thresholds over ranks (the original's
         all-reduce / world size), then ignore pixels below their class threshold. Returns the
@@ -217,13 +215,10 @@ class Phase1Stage(Stage):
         keep = conf >= thresholds[pred]
         labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
         self.last_kept = keep.float().mean()
-        self.last_pseudo = labels  # for the pseudo-label accuracy (utils/pseudo_quality.py)
+        self.last_pseudo = labels  # for the pseudo-label accuracy (stages/pseudo_quality.py)
         return labels, self.last_kept
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset, target_train_dataset
-        from utils.pseudo_quality import make_monitor
-
         args = self.args
         target = target_train_dataset(args)
         self.pseudo_monitor = make_monitor(target, args, self.env, LOG)
@@ -255,8 +250,6 @@ class Phase1Stage(Stage):
         return [source, target, discriminators]
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
-        from datasets.labels import class_names
-
         for name, v in zip(class_names(self.args.num_classes), self.tracker.thresholds.tolist()):
             writer.add_scalar(f"thresholds/{name}", v, it)
 

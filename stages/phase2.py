@@ -1,4 +1,4 @@
-"""Phase 2: Online Enhanced Self-Training (SPEC section 6).
+"""Phase 2: Online Enhanced Self-Training (docs/METHOD.md section 6).
 
 One network (the target branch of phase 1). Each iteration: the source CE, then pseudo
 labels for the target crop fused from the saved soft label and the network's own
@@ -17,24 +17,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from datasets.build import source_train_dataset, target_train_dataset
 from datasets.errors import DatasetError
+from datasets.labels import class_names
+from datasets.loader import to_device_label
+from engine.common import LOG
+from engine.network import build_network, prepare_for_training, unwrap
+from engine.optim import autocast, sgd_for
+from engine.trainer import Stage
 from model import DecoupleNet, upsample
-from utils.engine import (
-    LOG,
-    Stage,
-    autocast,
-    build_network,
-    cross_entropy,
-    prepare_for_training,
-    sgd_for,
-    to_device_label,
-    unwrap,
-)
+from stages.losses import cross_entropy
+from stages.pseudo_quality import make_monitor
 from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
 
 
 def load_thresholds(path: str, num_classes: int) -> np.ndarray:
-    """The class thresholds file of SPEC section 5; one clear error if it does not fit."""
+    """The class thresholds file of docs/METHOD.md section 5; one clear error if it does not fit."""
     if not path:
         raise DatasetError("--thresholds_path: required for phase 2 (made by datasets/get_thresholds.py)")
     if not os.path.isfile(path):
@@ -101,10 +99,8 @@ class Phase2Stage(Stage):
         if not args.soft_labels_folder:
             raise DatasetError("--soft_labels_folder: required for phase 2 (made by generate_soft_label.py)")
         self.thresholds_np = load_thresholds(args.thresholds_path, args.num_classes)
-        from datasets.build import target_train_dataset
 
         self.target_set = target_train_dataset(args, soft_labels=True)
-        from utils.pseudo_quality import make_monitor
 
         self.pseudo_monitor = make_monitor(self.target_set, args, env, LOG)
         w, h = args.tgt_img_size
@@ -114,14 +110,11 @@ class Phase2Stage(Stage):
         self.net = unwrap(self.model).net
         self.thresholds = torch.as_tensor(self.thresholds_np, dtype=torch.float32, device=env.device)
         self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
-        from datasets.labels import class_names
 
         LOG.info("class thresholds from %s: %s", args.thresholds_path,
                  ", ".join(f"{n}={t:.3f}" for n, t in zip(class_names(args.num_classes), self.thresholds_np)))
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset
-
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir),
                                    self.target_set)
 
@@ -148,7 +141,5 @@ class Phase2Stage(Stage):
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         if it == 0 or it % 1000 == 0:
-            from datasets.labels import class_names
-
             for name, v in zip(class_names(self.args.num_classes), self.thresholds_np):
                 writer.add_scalar(f"thresholds/{name}", float(v), it)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from datasets.labels import class_names
 from utils import distributed as du
 
 # The text shown wherever the numbers are logged.
@@ -209,7 +210,6 @@ def make_monitor(dataset: Any, args: Any, env: du.DistEnv, log: Any) -> PseudoLa
         detail = f" ({missing} of {len(dataset)} train images have no gtFine label)" if missing else ""
         log.info("target ground truth not found for every train image%s: no pseudo-label accuracy", detail)
         return None
-    from datasets.labels import class_names
 
     log.info("pseudo_acc: %s", MONITOR_NOTE)
     return PseudoLabelMonitor(args.num_classes, args.ignore_label, env.device, class_names(args.num_classes))

@@ -1,4 +1,4 @@
-"""Soft labels (SPEC section 4): target-branch logits of every Cityscapes train image."""
+"""Soft labels (docs/METHOD.md section 4): target-branch logits of every Cityscapes train image."""
 
 from __future__ import annotations
 
@@ -9,23 +9,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets.build import shard_loader, target_train_dataset
 from datasets.cityscapes import soft_label_name
+from datasets.labels import class_names
+from datasets.loader import to_device_image, to_device_label, workers_per_rank
+from engine.common import LOG, RunError, per_rank, progress
+from engine.network import build_network
+from engine.optim import inference_autocast
 from model import upsample
+from stages.pseudo_quality import all_ranks_agree
 from utils import distributed as du
 from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
-from utils.engine import (
-    LOG,
-    RunError,
-    build_network,
-    inference_autocast,
-    per_rank,
-    progress,
-    to_device_image,
-    to_device_label,
-    workers_per_rank,
-)
 from utils.metrics import format_iou_table, intersection_and_union, mean_iou
-from utils.pseudo_quality import all_ranks_agree
 
 
 def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
@@ -44,7 +39,6 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     on Cityscapes), argmax, intersections and unions summed over the images written in this
     run and over the ranks. Monitoring only: the soft labels do not depend on it.
     """
-    from datasets.build import shard_loader, target_train_dataset
 
     if not args.output_folder:
         raise RunError("--output_folder: required (where the .npy soft labels go)")
@@ -106,8 +100,6 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
         du.all_reduce_sum(inter)
         du.all_reduce_sum(union)
         if int(count) > 0:
-            from datasets.labels import class_names
-
             iou, miou = mean_iou(inter, union)
             LOG.info("soft labels (argmax) vs train ground truth, %d images (monitoring only):\n%s", int(count),
                      format_iou_table(iou, class_names(args.num_classes), miou))

@@ -1,6 +1,6 @@
 """Source-only training: DeepLab-v2 ResNet-101 on labelled source images (``sourceonly.pth``).
 
-Not in the original code release; it produces the start point phase 1 reads (SPEC section 2).
+Not in the original code release; it produces the start point phase 1 reads (docs/METHOD.md section 2).
 Same engine, SGD and poly schedule as the other stages; plain CE (no temperature).
 """
 
@@ -12,20 +12,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from datasets.build import source_train_dataset
+from datasets.loader import to_device_label
+from engine.common import LOG
+from engine.network import build_network, prepare_for_training, unwrap
+from engine.optim import autocast, sgd_for
+from engine.trainer import Stage
 from model import DecoupleNet, upsample
 from model.decouplenet import sourceonly_state
+from stages.losses import cross_entropy
 from utils.checkpoint import atomic_save
-from utils.engine import (
-    LOG,
-    Stage,
-    autocast,
-    build_network,
-    cross_entropy,
-    prepare_for_training,
-    sgd_for,
-    to_device_label,
-    unwrap,
-)
 
 
 class SourceOnlyObjective(nn.Module):
@@ -41,7 +37,6 @@ class SourceOnlyObjective(nn.Module):
 
 class SourceOnlyStage(Stage):
     name = "source_only"
-    official_phase = 2
 
     def build(self) -> None:
         args, env = self.args, self.env
@@ -54,8 +49,6 @@ class SourceOnlyStage(Stage):
         return sourceonly_state(self.net)
 
     def batches(self, start_iter: int):
-        from datasets.build import source_train_dataset
-
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir))
 
     def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.network import compile_network
 from model import DecoupleNet
 from tests.helpers import filled_phase1_checkpoint
-from utils.engine import compile_network
 
 
 def test_compile_in_place_keeps_keys_and_outputs() -> None:

@@ -1,4 +1,4 @@
-"""Loaders, joint augmentation and samplers (SPEC section 1, docs/DESIGN.md)."""
+"""Loaders, joint augmentation and samplers (docs/METHOD.md section 1, docs/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_augment_params_and_determinism() -> None:
 
 
 def test_augment_draw_order() -> None:
-    """Draws follow SPEC section 1: uniform, randint x, randint y, random (flip)."""
+    """Draws follow docs/METHOD.md section 1: uniform, randint x, randint y, random (flip)."""
     img, lbl = _image()
     aug = JointAugment(resize=100, crop_wh=(40, 24))
     _, _, p = aug(img, lbl, random.Random(42), torch.Generator().manual_seed(0))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.options import build_parser
 from tests.helpers import REPO
-from utils.options import build_parser
 
 STORE_TRUE = "store_true"  # a flag without a value (default False)
 
@@ -86,7 +86,7 @@ DELIBERATE = {
 
 
 def our_parser(script: str) -> argparse.ArgumentParser:
-    """The parser ``script`` builds: the stage name it passes to ``utils.options.parse_args``."""
+    """The parser ``script`` builds: the stage name it passes to ``engine.options.parse_args``."""
     text = (Path(REPO) / script).read_text(encoding="utf-8")
     stages = re.findall(r'parse_args\("(\w+)"', text)
     assert len(stages) == 1, f"{script}: expected one parse_args(\"<stage>\", ...) call, found {stages}"

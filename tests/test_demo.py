@@ -89,7 +89,7 @@ def test_soft_label_accuracy_scores_argmax_against_ground_truth(synthetic_data, 
     from datasets.cityscapes import CityscapesDataset, soft_label_name
     from datasets.gta5 import read_label_ids
     from datasets.labels import encode_labels
-    from utils.pseudo_quality import ground_truth_at_logits
+    from stages.pseudo_quality import ground_truth_at_logits
 
     demo = _load_demo()
     data = os.path.dirname(synthetic_data["cityscapes"])

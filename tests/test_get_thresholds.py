@@ -1,4 +1,4 @@
-"""Offline class thresholds, datasets/get_thresholds.py (SPEC section 5)."""
+"""Offline class thresholds, datasets/get_thresholds.py (docs/METHOD.md section 5)."""
 
 from __future__ import annotations
 

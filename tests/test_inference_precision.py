@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils.evaluation
-import utils.soft_labels
+import stages.evaluation
+import stages.soft_labels
+from engine.options import parse_args
 from model import DecoupleNet
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
-from utils.options import parse_args
 
 TINY = Path(PARITY) / "cityscapes_tiny"
 
@@ -68,9 +68,9 @@ def test_soft_labels_float32_whatever_the_training_amp(ckpt, expected, tmp_path,
     outs = {}
     for name, extra in (("off", ["--amp", "off"]), ("amp_bf16", ["--amp", "bf16"]),
                         ("inference_bf16", ["--amp", "off", "--inference_amp", "bf16"])):
-        seen = _record_logits(monkeypatch, utils.soft_labels)
+        seen = _record_logits(monkeypatch, stages.soft_labels)
         args = _args("soft_label", ckpt, tmp_path / f"snap_{name}", "--output_folder", str(tmp_path / name), *extra)
-        assert utils.soft_labels.generate_soft_labels(args, DistEnv()) == 3
+        assert stages.soft_labels.generate_soft_labels(args, DistEnv()) == 3
         assert seen and {t.dtype for t in seen} == ({torch.bfloat16} if name == "inference_bf16" else {torch.float32})
         outs[name] = {p.stem: np.load(p) for p in sorted((tmp_path / name).glob("*.npy"))}
     train = {k[len("train/"):]: v for k, v in expected.items() if k.startswith("train/")}
@@ -87,13 +87,13 @@ def test_soft_labels_float32_whatever_the_training_amp(ckpt, expected, tmp_path,
 
 
 def test_evaluation_float32_whatever_the_training_amp(ckpt, expected, tmp_path, monkeypatch) -> None:
-    """evaluate.py (utils.evaluation.run_evaluation) and the training validation share
-    utils.engine.evaluate; its logits follow --inference_amp only."""
+    """evaluate.py (stages.evaluation.run_evaluation) and the training validation share
+    engine.validation.evaluate; its logits follow --inference_amp only."""
     logits, results = {}, {}
     for name, extra in (("off", ["--amp", "off"]), ("amp_bf16", ["--amp", "bf16"]),
                         ("inference_bf16", ["--inference_amp", "bf16"])):
-        seen = _record_logits(monkeypatch, utils.evaluation)
-        results[name] = utils.evaluation.run_evaluation(_args("evaluate", ckpt, tmp_path / name, *extra), DistEnv())
+        seen = _record_logits(monkeypatch, stages.evaluation)
+        results[name] = stages.evaluation.run_evaluation(_args("evaluate", ckpt, tmp_path / name, *extra), DistEnv())
         assert {t.dtype for t in seen} == ({torch.bfloat16} if name == "inference_bf16" else {torch.float32})
         logits[name] = [t.float().numpy()[0] for t in seen]
     val = [v for k, v in expected.items() if k.startswith("val/")]

@@ -1,4 +1,4 @@
-"""Labels, palette and the safe label-info pickle (SPEC section 1)."""
+"""Labels, palette and the safe label-info pickle (docs/METHOD.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-class intersection / union and mIoU (SPEC section 3)."""
+"""Per-class intersection / union and mIoU (docs/METHOD.md section 3)."""
 
 from __future__ import annotations
 

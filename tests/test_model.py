@@ -189,8 +189,8 @@ def test_imagenet_start_keeps_the_fresh_head(tmp_path):
     """``--resume ''``: backbone from the ImageNet file, head and classifiers untouched (fresh)."""
     import torchvision
 
-    from utils.engine import build_network
-    from utils.options import parse_args
+    from engine.network import build_network
+    from engine.options import parse_args
 
     resnet = torchvision.models.resnet101(weights=None)
     path = tmp_path / "resnet101-5d3b4d8f.pth"
@@ -214,8 +214,8 @@ def test_imagenet_start_keeps_the_fresh_head(tmp_path):
 def test_discriminators_load_from_a_full_phase1_file():
     """``D1_state_dict`` / ``D2_state_dict`` of a phase-1 file (``module.`` prefixes or not) go into
     the discriminators; a file without them loads nothing; a bad key is one error naming it."""
+    from stages.phase1 import load_discriminators
     from tests.helpers import filled_full_phase1_checkpoint, with_module_prefix
-    from utils.phase1 import load_discriminators
 
     ckpt = filled_full_phase1_checkpoint(1)
     for source in (ckpt, with_module_prefix(ckpt)):

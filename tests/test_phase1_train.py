@@ -1,4 +1,4 @@
-"""train_phase1.py end to end on the CPU (SPEC sections 3 and 7): outputs, exact resume,
+"""train_phase1.py end to end on the CPU (docs/METHOD.md sections 3 and 7): outputs, exact resume,
 two-process gloo DDP, the vanilla GAN, and one whole training step against the original."""
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def test_two_ranks_average_their_class_thresholds(synthetic_data, tmp_path) -> N
     weights (train-mode BatchNorm on that crop, as in the run) through utils.thresholds."""
     from datasets.build import target_train_dataset
     from datasets.sampler import StreamSampler
+    from engine.options import parse_args
     from tests.helpers import filled_sourceonly_checkpoint, well_conditioned
-    from utils.options import parse_args
     from utils.thresholds import OnlineClassThresholds
 
     start = tmp_path / "sourceonly_wc.pth"  # well conditioned: confidences to ~1e-7 whatever the thread count
@@ -364,9 +364,9 @@ def test_two_iterations_match_original(parity_ensemble) -> None:
 def test_passes_give_the_gradients_of_one_backward() -> None:
     """The three passes (source, target, discriminators), each back-propagated before the next
     runs, give the gradients of one backward of all six losses, and the same batch-norm state."""
+    from engine.options import parse_args
     from model import FCDiscriminator
-    from utils.options import parse_args
-    from utils.phase1 import Phase1Objective
+    from stages.phase1 import Phase1Objective
 
     args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1"])
     torch.manual_seed(0)
@@ -426,7 +426,7 @@ def test_activation_checkpointing_same_run_and_exact_resume(run_a, synthetic_dat
 
 def test_peak_memory_is_reported_on_cuda_only(monkeypatch) -> None:
     """The log line and metrics.jsonl get torch.cuda.max_memory_allocated on CUDA, nothing on the CPU."""
-    from utils.engine import peak_memory_mib, peak_memory_text
+    from engine.trainer import peak_memory_mib, peak_memory_text
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 + 2**19)
     assert peak_memory_mib(torch.device("cuda", 0)) == 3.5
@@ -443,11 +443,12 @@ def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
+    from engine.network import prepare_for_training
+    from engine.options import parse_args
+    from engine.trainer import Trainer
     from model import FCDiscriminator
+    from stages.phase1 import Phase1Objective, Phase1Stage
     from utils.distributed import DistEnv
-    from utils.engine import Trainer, prepare_for_training
-    from utils.options import parse_args
-    from utils.phase1 import Phase1Objective, Phase1Stage
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

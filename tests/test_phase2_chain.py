@@ -1,4 +1,4 @@
-"""The README chain on the CPU (SPEC sections 4-7): phase 1 -> generate_soft_label.py ->
+"""The README chain on the CPU (docs/METHOD.md sections 4-7): phase 1 -> generate_soft_label.py ->
 datasets/get_thresholds.py -> train_phase2.py, plus phase-2 exact resume, soft-label
 interoperability with official checkpoints, and clear errors for bad phase-2 inputs."""
 

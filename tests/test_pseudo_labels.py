@@ -1,4 +1,4 @@
-"""Phase-2 pseudo labels: the crop warp and the fusion (SPEC section 6)."""
+"""Phase-2 pseudo labels: the crop warp and the fusion (docs/METHOD.md section 6)."""
 
 from __future__ import annotations
 

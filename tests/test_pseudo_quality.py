@@ -1,4 +1,4 @@
-"""Pseudo-label accuracy against the target ground truth (utils/pseudo_quality.py), the wiring test
+"""Pseudo-label accuracy against the target ground truth (stages/pseudo_quality.py), the wiring test
 of phase 2's carried predictions, and the soft-label / threshold reports."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_script, tiny_args
-from utils.pseudo_quality import (
+from stages.pseudo_quality import (
     PseudoLabelMonitor,
     ground_truth_at_logits,
     logit_positions,
     pseudo_label_counts,
     summarize,
 )
+from tests.conftest import run_script, tiny_args
 
 IGNORE = 250
 
@@ -234,9 +234,9 @@ def broken(kind: str, fn):
 
 def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterations: int) -> list[float]:
     """Phase2Stage.step (forward only) on the wiring data: pseudo_acc of each iteration."""
+    from engine.options import parse_args
+    from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
-    from utils.options import parse_args
-    from utils.phase2 import Phase2Stage
 
     args = parse_args("phase2", "test", [*flags, "--resume", str(resume), "--snapshot-dir", str(snapshot)])
     args.world_size = 1
@@ -256,7 +256,7 @@ def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterat
 def test_wiring_test_catches_a_miswired_carry(kind, wiring_data, sourceonly_ckpt, tmp_path, monkeypatch) -> None:
     """The same criterion holds with the real carry functions and fails far below when the flip or
     the crop offset is not applied to the carried soft label and prediction."""
-    from utils import phase2
+    from stages import phase2
 
     if kind != "right":
         for name in ("carry_to_crop", "online_prediction_to_crop"):
@@ -273,10 +273,10 @@ def test_wiring_test_catches_a_miswired_carry(kind, wiring_data, sourceonly_ckpt
 @pytest.mark.parametrize("script", ["phase1", "phase2"])
 def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt, tmp_path) -> None:
     """One iteration with and without --no_pseudo_eval: the same losses, bit for bit (forward only)."""
+    from engine.options import parse_args
+    from stages.phase1 import Phase1Stage
+    from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
-    from utils.options import parse_args
-    from utils.phase1 import Phase1Stage
-    from utils.phase2 import Phase2Stage
 
     stage_class = Phase1Stage if script == "phase1" else Phase2Stage
     flags = wiring_data["flags"] if script == "phase2" else wiring_data["flags"][: wiring_data["flags"].index(
@@ -310,8 +310,8 @@ def test_ground_truth_is_all_or_nothing(wiring_data, tmp_path) -> None:
 
     from datasets.cityscapes import CityscapesDataset
     from datasets.transforms import JointAugment
+    from stages.pseudo_quality import make_monitor
     from utils.distributed import DistEnv
-    from utils.pseudo_quality import make_monitor
 
     city = tmp_path / "cityscapes"
     shutil.copytree(wiring_data["root"] / "cityscapes", city)
@@ -370,9 +370,9 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     flipped when the sample was flipped, each written out here with ``F.interpolate`` and slicing.
     The soft-label wiring test cannot see this map (its large one-hot soft labels decide the fused
     label), so a flip or crop box missing at the call site would pass it; this test fails then."""
-    from utils import phase2
+    from engine.options import parse_args
+    from stages import phase2
     from utils.distributed import DistEnv
-    from utils.options import parse_args
 
     seen: dict = {}
     real_carry, real_fuse = phase2.online_prediction_to_crop, phase2.fuse_pseudo_labels

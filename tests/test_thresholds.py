@@ -1,4 +1,4 @@
-"""Online class thresholds of phase 1 (SPEC section 3)."""
+"""Online class thresholds of phase 1 (docs/METHOD.md section 3)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import CheckpointError
 from utils.files import create_temp_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the network (unknown layout, missing/unexpected key, shape), or a
+    file is not the kind of checkpoint it should be."""
 
 # ---------------------------------------------------------------------------- fault injection
 # For the reliability tests only; no effect unless the variable is set. ``KIND:ARG[:N]``:
@@ -25,7 +29,7 @@ from utils.files import create_temp_file
 #                                   basename matches PATTERN (fnmatch) is fully written, before the rename
 #   kill_mid_write:PATTERN[:N]      SIGKILL with only half of that file's bytes in the temporary file
 #   enospc:PATTERN[:N]              OSError(ENOSPC) after the temporary file is created
-#   kill_at_iter:K / nan_at_iter:K  (utils.engine.Trainer) SIGKILL at the start of iteration K /
+#   kill_at_iter:K / nan_at_iter:K  (engine.trainer.Trainer) SIGKILL at the start of iteration K /
 #                                   total loss times NaN at iteration K
 # Under DDP ``DECOUPLENET_FAULT_RANK=R`` limits the fault to rank R (default: every rank). Under
 # torchrun a fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so that

@@ -42,10 +42,6 @@ class DistEnv:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -331,10 +327,3 @@ def gather_to_main(obj: Any) -> list[Any] | None:
         return out
     return [obj]
 
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

@@ -1,8 +1,8 @@
-"""Segmentation metrics: per-class intersection / union and mIoU (SPEC section 3).
+"""Segmentation metrics: per-class intersection / union and mIoU (docs/METHOD.md section 3).
 
 The validation of the original accumulates, per class, the intersection and the union of
 prediction and label over the whole set, then ``IoU = inter / (union + 1e-10)`` and
-``mIoU = mean over all classes``. For SYNTHIA (SPEC section 1) papers report the
+``mIoU = mean over all classes``. For SYNTHIA (docs/METHOD.md section 1) papers report the
 16-class mIoU and the 13-class mIoU* (the same 16-class model without wall, fence and
 pole); :func:`miou_subsets` gives both.
 """
@@ -31,7 +31,7 @@ def _count(values: Tensor, size: int) -> Tensor:
 def intersection_and_union(
     pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 250
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class intersection, union and target area of one prediction (SPEC section 3).
+    """Per-class intersection, union and target area of one prediction (docs/METHOD.md section 3).
 
     Args:
         pred: predicted class ids, any shape.
@@ -58,7 +58,7 @@ def intersection_and_union(
 
 
 def mean_iou(inter_sum: Tensor | np.ndarray, union_sum: Tensor | np.ndarray) -> tuple[np.ndarray, float]:
-    """IoU per class ``inter / (union + 1e-10)`` and their mean over all classes (SPEC section 3).
+    """IoU per class ``inter / (union + 1e-10)`` and their mean over all classes (docs/METHOD.md section 3).
 
     Classes that never occur (union 0) get IoU 0 and still count in the mean, as the
     original.
@@ -70,7 +70,7 @@ def mean_iou(inter_sum: Tensor | np.ndarray, union_sum: Tensor | np.ndarray) -> 
 
 
 def miou_subsets(iou: Sequence[float] | np.ndarray, num_classes: int = 16) -> tuple[float, float]:
-    """``(mIoU16, mIoU13)`` for SYNTHIA -> Cityscapes (SPEC section 1).
+    """``(mIoU16, mIoU13)`` for SYNTHIA -> Cityscapes (docs/METHOD.md section 1).
 
     Args:
         iou: per-class IoU, either the 16 SYNTHIA classes (``num_classes=16``) or all 19
@@ -92,7 +92,7 @@ def miou_subsets(iou: Sequence[float] | np.ndarray, num_classes: int = 16) -> tu
 
 
 def format_iou_table(iou: Sequence[float] | np.ndarray, class_names: Sequence[str], miou: float) -> str:
-    """A text table with one row per class (IoU in percent) and the mIoU (SPEC section 3)."""
+    """A text table with one row per class (IoU in percent) and the mIoU (docs/METHOD.md section 3)."""
     values = np.asarray(iou, dtype=np.float64)
     if len(values) != len(class_names):
         raise ValueError(f"{len(values)} IoU values for {len(class_names)} class names")

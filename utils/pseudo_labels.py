@@ -1,4 +1,4 @@
-"""Phase-2 pseudo labels: carrying maps through the crop's augmentation, fusing (SPEC section 6).
+"""Phase-2 pseudo labels: carrying maps through the crop's augmentation, fusing (docs/METHOD.md section 6).
 
 Phase 2 needs, for every target crop, two class maps in the crop's frame:
 
@@ -78,7 +78,7 @@ def carry_to_crop(
     flip: bool | Tensor,
     crop_hw: Sequence[int] | None = None,
 ) -> Tensor:
-    """Carry a whole-image map through a crop's augmentation (SPEC section 6).
+    """Carry a whole-image map through a crop's augmentation (docs/METHOD.md section 6).
 
     Equivalent to: bilinear (``align_corners=True``) resize of ``x`` to ``via_hw``, then
     to ``resized_hw``, then ``[ys:ye, xs:xe]`` with ``crop_box = (ys, ye, xs, xe)``, then a
@@ -152,7 +152,7 @@ def online_prediction_to_crop(
     crop_box: HW,
     flip: bool | Tensor,
 ) -> Tensor:
-    """The online prediction ``P`` of SPEC section 6 in the crop's frame.
+    """The online prediction ``P`` of docs/METHOD.md section 6 in the crop's frame.
 
     ``softmax(interp(logits_full, crop_hw))`` over classes, then resized to
     ``resized_hw``, cropped and flipped (all bilinear, ``align_corners=True``). This is the
@@ -171,7 +171,7 @@ def online_prediction_to_crop(
 def fuse_pseudo_labels(
     pred_prob_crop: Tensor, soft_logits_crop: Tensor, thresholds: Tensor, ignore_label: int = 250
 ) -> Tensor:
-    """Fused phase-2 pseudo label (SPEC section 6).
+    """Fused phase-2 pseudo label (docs/METHOD.md section 6).
 
     ``prob = (P + softmax(S)) / 2`` over the class dimension; ``conf, pl = max``;
     ``pl[conf < thresholds[pl]] = ignore_label``.
@@ -179,7 +179,7 @@ def fuse_pseudo_labels(
     Args:
         pred_prob_crop: online probabilities ``P``, ``[C, H, W]`` or ``[N, C, H, W]``.
         soft_logits_crop: carried soft-label logits ``S`` (before softmax), same shape.
-        thresholds: per-class thresholds ``[C]`` (the file of SPEC section 5).
+        thresholds: per-class thresholds ``[C]`` (the file of docs/METHOD.md section 5).
         ignore_label: value of rejected pixels (250).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Phase-1 online class thresholds from class-wise confidence banks (SPEC section 3).
+"""Phase-1 online class thresholds from class-wise confidence banks (docs/METHOD.md section 3).
 
 The original keeps one Python list of confidences per class, appends the confidences of
 the pixels predicted as that class, takes
@@ -61,7 +61,7 @@ def _add_counts(hist: Tensor, index: Tensor, weight: int = 1) -> Tensor:
 
 
 class OnlineClassThresholds:
-    """Class-wise confidence banks and thresholds of phase 1 (SPEC section 3).
+    """Class-wise confidence banks and thresholds of phase 1 (docs/METHOD.md section 3).
 
     Args:
         num_classes: number of classes ``C``.
@@ -116,7 +116,7 @@ class OnlineClassThresholds:
 
     # ------------------------------------------------------------------ update
     def update(self, conf: Tensor, pred: Tensor) -> Tensor:
-        """Add one iteration's confidences and recompute the thresholds (SPEC section 3).
+        """Add one iteration's confidences and recompute the thresholds (docs/METHOD.md section 3).
 
         Args:
             conf: max softmax probability per pixel, any shape (e.g. ``[N, H, W]``).

@@ -33,12 +33,12 @@ from PIL import Image
 
 from datasets.build import balanced_file_list
 from datasets.sampler import StreamSampler
+from engine.options import DEFAULTS, parse_args
 from model import DecoupleNet
 from tests.conftest import IMG_H, IMG_W, target_train_basenames, tiny_args
 from tests.helpers import REPO, miou_by_hand
 from tests.reliability.conftest import copy_data, phase1_argv, phase2_argv
 from tests.reliability.runner import BASE_ENV, Result, digest, one_error_line, temp_files
-from utils.options import DEFAULTS, parse_args
 
 P1_STEPS = ["--batch-size", "1", "--num-steps", "2", "--num-steps-stop", "1"]
 

@@ -283,7 +283,7 @@ class _Stage:
 
 def _saved_ranks(n: int) -> list[dict]:
     """``n`` ranks' parts with distinct RNG states, class banks and BatchNorm statistics."""
-    from utils.engine import local_state
+    from engine.state import local_state
 
     ranks = []
     for r in range(n):
@@ -296,8 +296,8 @@ def _saved_ranks(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("world, rank, source, fresh_rng", [(2, 1, 1, False), (1, 0, 0, False), (3, 2, 0, True)])
 def test_restore_local_state_picks_this_ranks_part(world, rank, source, fresh_rng) -> None:
+    from engine.state import restore_local_state
     from utils.distributed import DistEnv
-    from utils.engine import restore_local_state
 
     ranks = _saved_ranks(2)
     stage, bn = _Stage(), torch.nn.BatchNorm1d(3)
@@ -317,8 +317,8 @@ def test_restore_local_state_picks_this_ranks_part(world, rank, source, fresh_rn
 
 def test_restore_local_state_reads_a_rank0_only_state() -> None:
     """A ``decouplenet-training-state/1`` file (rank 0's parts only, no ``ranks``)."""
+    from engine.state import restore_local_state
     from utils.distributed import DistEnv
-    from utils.engine import restore_local_state
 
     (part,) = _saved_ranks(1)
     stage, bn = _Stage(), torch.nn.BatchNorm1d(3)

@@ -1,0 +1,54 @@
+"""The optimiser side of a run: SGD with the head at 10x lr, the poly schedule, and the training
+and inference precisions."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from model import DecoupleNet
+
+
+def poly_lr(base: float, it: int, max_it: int, power: float) -> float:
+    """``base * (1 - it / max_it) ** power`` (docs/METHOD.md section 3)."""
+    return base * ((1 - float(it) / max_it) ** power)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base: float, it: int, args: Any) -> float:
+    """Poly lr on group 0 and ``10x`` on group 1 (the head group), as the original."""
+    lr = poly_lr(base, it, args.num_steps, args.power)
+    optimizer.param_groups[0]["lr"] = lr
+    if len(optimizer.param_groups) > 1:
+        optimizer.param_groups[1]["lr"] = lr * 10
+    return lr
+
+
+def sgd_for(net: DecoupleNet, args: Any, device: torch.device) -> torch.optim.SGD:
+    """SGD with stems+body at ``lr`` and head+classifiers at ``10 lr`` (docs/METHOD.md section 3)."""
+    groups = [
+        {"params": [p for p in net.backbone_parameters() if p.requires_grad]},
+        {"params": [p for p in net.head_parameters() if p.requires_grad], "lr": args.learning_rate * 10},
+    ]
+    kw = {"foreach": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **kw)
+
+
+def _autocast(mode: str, device: torch.device):
+    if mode == "off":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast(args: Any, device: torch.device):
+    """The training steps' precision (``--amp``)."""
+    return _autocast(args.amp, device)
+
+
+def inference_autocast(args: Any, device: torch.device):
+    """The precision of validation, soft labels and evaluation (``--inference_amp``, default off:
+    float32 without autocast, as the original). ``--amp`` does not reach inference."""
+    return _autocast(getattr(args, "inference_amp", "off"), device)

@@ -1,0 +1,111 @@
+"""The project's import layers run one way: ``utils`` < ``model`` < ``datasets`` < ``engine`` <
+``stages`` < the entry scripts (docs/DESIGN.md, "Layout"). Checked on the source with ``ast``,
+function-local imports included, so that a cycle cannot hide inside a function."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = {"utils": 0, "model": 1, "datasets": 2, "engine": 3, "stages": 4}
+SCRIPTS = 5  # train_*.py, generate_soft_label.py, evaluate.py at the top level
+
+
+def project_modules() -> dict[str, str]:
+    """Dotted module name -> file, for the packages and the top-level scripts."""
+    found = {}
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            found[name[:-3]] = os.path.join(REPO, name)
+    for pkg in LAYERS:
+        for dirpath, _, files in os.walk(os.path.join(REPO, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), REPO)[:-3].replace(os.sep, ".")
+                    found[rel.removesuffix(".__init__")] = os.path.join(dirpath, f)
+    return found
+
+
+def layer(module: str) -> int:
+    return LAYERS.get(module.split(".")[0], SCRIPTS)
+
+
+def imports_of(path: str, module: str, known: dict[str, str]) -> list[tuple[str, int, bool, str]]:
+    """``(imported project module, line, function-local, source line)`` for every import."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    local_nodes = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != module:
+                out.append((t, node.lineno, id(node) in local_nodes, lines[node.lineno - 1]))
+    return out
+
+
+def test_imports_run_one_way_without_cycles() -> None:
+    known = project_modules()
+    assert {"utils.thresholds", "engine.trainer", "stages.phase1", "train_phase1"} <= set(known)
+    upward, graph = [], {}
+    for module, path in known.items():
+        graph[module] = set()
+        for target, line, _, _ in imports_of(path, module, known):
+            graph[module].add(target)
+            if layer(target) > layer(module):
+                upward.append(f"{os.path.relpath(path, REPO)}:{line} imports {target}")
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+    # no cycle between modules (within a layer too)
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for t in graph.get(m, ()):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(t):], t]))
+            if t not in state:
+                visit(t, [*stack, t])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_few_function_local_imports_each_with_its_reason() -> None:
+    known = project_modules()
+    local = []
+    for module, path in known.items():
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for target, line, is_local, text in imports_of(path, module, known):
+            if is_local:
+                commented = "#" in text or lines[line - 2].strip().startswith("#")
+                local.append((f"{os.path.relpath(path, REPO)}:{line} {target}", commented))
+    assert len(local) <= 3, "function-local imports of project modules:\n" + "\n".join(n for n, _ in local)
+    assert all(c for _, c in local), "a function-local import needs a comment saying why: " + str(local)
+
+
+def test_utils_are_leaves() -> None:
+    """``utils`` imports nothing from the rest of the project (other ``utils`` modules only)."""
+    known = project_modules()
+    for module, path in known.items():
+        if layer(module) == 0:
+            for target, line, _, _ in imports_of(path, module, known):
+                assert target.startswith("utils"), f"{path}:{line} imports {target}"
