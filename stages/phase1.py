@@ -1,6 +1,6 @@
 """Phase 1: decoupled stems, two discriminators, Self-Discrimination with online thresholds.
 
-One iteration (per micro-batch) is three passes of :class:`Phase1Objective`,
+docs/METHOD.md section 3. One iteration (per micro-batch) is three passes of :class:`Phase1Objective`,
 which holds the network and both discriminators so that a single DDP wrapper covers every
 parameter: source, target, discriminators, each back-propagated before the next starts, as the
 original does (its six backward calls become three; the gradients are the same sums).
@@ -75,7 +75,8 @@ def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin:
 
 
 class Phase1Objective(nn.Module):
-    """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration.
+    """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration
+    (docs/METHOD.md section 3, steps 3-5).
 
     An iteration calls it three times, once per pass, and back-propagates each pass's ``total``
     before the next pass starts, in the original's order: ``"source"`` (segmentation and
