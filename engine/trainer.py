@@ -33,7 +33,7 @@ from engine.state import (
     resolve_resume_from,
     restore_local_state,
 )
-from engine.validation import evaluate, sample_figure, val_loader
+from engine.validation import compute_miou, sample_figure, val_loader
 from model import DecoupleNet
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, atomic_save, injected_fault, safe_load
@@ -212,7 +212,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, it: int) -> float:
-        iou, miou, sample = evaluate(self.stage.net, self.val_loader, self.env, self.args)
+        iou, miou, sample = compute_miou(self.stage.net, self.val_loader, self.env, self.args)
         if self.env.is_main:
             LOG.info("iter %d validation:\n%s", it, format_iou_table(iou, class_names(self.args.num_classes), miou))
             fig = sample_figure(sample) if sample else None

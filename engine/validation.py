@@ -22,9 +22,9 @@ from utils.metrics import intersection_and_union, mean_iou
 
 
 @torch.no_grad()
-def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
-             scales: tuple[float, ...] = (1.0,), flip: bool = False,
-             on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
+def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False,
+                 on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
     """Target-branch mIoU over ``loader`` (docs/METHOD.md section 3), each image counted once.
 
     In float32 (no autocast), as the original validates, unless ``--inference_amp`` asks for

@@ -14,7 +14,7 @@ from datasets.labels import class_names, colorize, decode_train_ids
 from datasets.loader import workers_per_rank
 from engine.common import LOG, RunError, per_rank
 from engine.network import build_network
-from engine.validation import evaluate, sample_figure
+from engine.validation import compute_miou, sample_figure
 from utils import distributed as du
 from utils.checkpoint import atomic_write
 from utils.metrics import format_iou_table, miou_subsets
@@ -52,8 +52,8 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
             fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
             cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
 
-    iou, miou, _ = evaluate(net, loader, env, args, desc=f"evaluate {args.split}", scales=tuple(args.scales),
-                            flip=args.flip, on_batch=save if save_dir else None)
+    iou, miou, _ = compute_miou(net, loader, env, args, desc=f"evaluate {args.split}", scales=tuple(args.scales),
+                                flip=args.flip, on_batch=save if save_dir else None)
     names = class_names(args.num_classes)
     result = {"checkpoint": args.resume, "split": args.split, "images": len(dataset), "scales": list(args.scales),
               "flip": bool(args.flip), "miou": float(miou), "iou": {n: float(v) for n, v in zip(names, iou)}}

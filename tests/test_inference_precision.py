@@ -88,7 +88,7 @@ def test_soft_labels_float32_whatever_the_training_amp(ckpt, expected, tmp_path,
 
 def test_evaluation_float32_whatever_the_training_amp(ckpt, expected, tmp_path, monkeypatch) -> None:
     """evaluate.py (stages.evaluation.run_evaluation) and the training validation share
-    engine.validation.evaluate; its logits follow --inference_amp only."""
+    engine.validation.compute_miou; its logits follow --inference_amp only."""
     logits, results = {}, {}
     for name, extra in (("off", ["--amp", "off"]), ("amp_bf16", ["--amp", "bf16"]),
                         ("inference_bf16", ["--inference_amp", "bf16"])):
