@@ -23,7 +23,8 @@ from datasets.build import stream
 from datasets.labels import class_names
 from datasets.loader import to_device_image, workers_per_rank
 from engine.common import LOG, NonFiniteLossError, RunError, per_rank, progress
-from engine.optim import set_lr
+from engine.network import build_network, prepare_for_training, unwrap
+from engine.optim import set_lr, sgd_for
 from engine.state import (
     LATEST,
     STATE_FORMAT,
@@ -80,6 +81,25 @@ class Stage:
         pass's activations are alive at a time. Passes hand on what later ones need (detached)."""
         raise NotImplementedError
 
+    def build_net(self, decoupled: bool, aux: bool,
+                  checkpoint_hook: Callable[[dict], None] | None = None) -> DecoupleNet:
+        """The stage's :class:`DecoupleNet`, weighted from ``--resume`` or ImageNet
+        (:func:`engine.network.build_network`; neither is read when a training state will be restored)."""
+        return build_network(self.args, decoupled=decoupled, aux=aux, skip_weights=self.resuming,
+                             checkpoint_hook=checkpoint_hook)
+
+    def train_objective(self, objective: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """Make ``objective`` (a module holding ``net`` and the stage's losses) the module trained
+        each iteration: on the device and DDP-wrapped when distributed
+        (:func:`engine.network.prepare_for_training`), as ``self.model``. Sets ``self.net`` and
+        ``optimizers["model"]``, the SGD of the network. Returns the unwrapped objective."""
+        args, env = self.args, self.env
+        self.model = prepare_for_training(objective, env, args, find_unused_parameters=find_unused_parameters)
+        inner = unwrap(self.model)
+        self.net = inner.net
+        self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
+        return inner
+
     def official_state(self) -> dict:
         """What best/final checkpoints hold (the official layout of ``official_phase``)."""
         return self.net.official_state(phase=self.official_phase)
@@ -125,7 +145,7 @@ class Trainer:
         self.start_iter = 0
         self.best_miou = 0.0
         self.best_path: str | None = None
-        self.nan_at: int | None = None  # tests only: the iteration whose losses become NaN
+        self.faults = LoopFaults()  # tests only; does nothing unless $DECOUPLENET_FAULT asks
 
     # ------------------------------------------------------------------ state
     def stage_modules(self) -> dict[str, nn.Module]:
@@ -282,9 +302,7 @@ class Trainer:
             passes = self.stage.step(it, next(batches))
             for k, run_pass in enumerate(passes):
                 with self.gradient_sync(sub == args.iter_size - 1 and k == len(passes) - 1):
-                    losses = run_pass()
-                    if it == self.nan_at:
-                        losses["total"] = losses["total"] * float("nan")
+                    losses = self.faults.losses(it, run_pass())
                     self.scaler.scale(losses["total"] / args.iter_size).backward()
                 for name, v in losses.items():
                     sums[name] = sums.get(name, 0) + v.detach().float() / args.iter_size
@@ -308,54 +326,91 @@ class Trainer:
         self.scaler.update()
         return dict(zip(names, values.tolist()))
 
-    def train(self) -> None:
+    def log_iteration(self, it: int, logged: dict[str, float], bar: Any) -> None:
+        """Rank 0: the iteration's line in ``metrics.jsonl``; every 10 iterations the scalars in
+        tensorboard; every ``--print-every`` the console line (losses, pseudo-label accuracy, time
+        per iteration, peak GPU memory)."""
         args, env, stage = self.args, self.env, self.stage
-        stop = args.num_steps_stop
-        batches = stage.batches(self.start_iter)
-        monitor = stage.pseudo_monitor  # set by batches()/build() when the target ground truth exists
-        bar = progress(total=stop, initial=self.start_iter, desc=stage.name, env=env, quiet=args.quiet)
-        t0 = time.time()
-        fault = injected_fault()  # tests only ($DECOUPLENET_FAULT, see utils.checkpoint)
-        kill_at = int(fault[1]) if fault and fault[0] == "kill_at_iter" else None
-        self.nan_at = int(fault[1]) if fault and fault[0] == "nan_at_iter" else None
+        monitor = stage.pseudo_monitor  # set by build()/batches() when the target ground truth exists
+        quality = monitor.collect() if monitor is not None else {}  # a collective: every rank calls it
+        if not env.is_main:
+            return
+        mem = peak_memory_mib(env.device)  # CUDA only: the key is left out on the CPU
+        self.append_metrics(it, {**logged, **quality, **({} if mem is None else {"max_mem_mib": mem})})
+        if self.writer is not None and it % 10 == 0:
+            for k, v in logged.items():
+                self.writer.add_scalar(f"train/{k}", v, it)
+            for k, (opt, _) in stage.optimizers.items():
+                self.writer.add_scalar(f"lr/{k}", opt.param_groups[0]["lr"], it)
+            stage.tensorboard_extra(self.writer, it)
+            if monitor is not None:
+                monitor.tensorboard(self.writer, it)
+        if it % args.print_every == 0:
+            text = ", ".join(f"{k} = {v:.5f}" for k, v in logged.items() if k != "total")
+            if monitor is not None:
+                text += ", " + monitor.console_text()
+            bar.set_postfix_str(text[:80])
+            LOG.info("iter = %8d/%8d, %s (%.2fs/it%s)", it, args.num_steps, text,
+                     (time.time() - self.t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
+
+    def save_checkpoints(self, it: int) -> None:
+        """After iteration ``it``: validation and the best checkpoint every ``--save-pred-every``,
+        the training state every ``--save_latest_every`` (all ranks call; rank 0 writes)."""
+        args = self.args
+        if it % args.save_pred_every == 0 and it != 0 and self.val_loader is not None:
+            self.maybe_save_best(it, self.validate(it))
+        if (it + 1) % args.save_latest_every == 0:
+            self.save_latest(it + 1)
+
+    def train(self) -> None:
+        """The loop. Each iteration: one optimizer update (:meth:`train_step`), its log
+        (:meth:`log_iteration`), its checkpoints (:meth:`save_checkpoints`); after the last one
+        the final checkpoint and training state."""
+        stop = self.args.num_steps_stop
+        batches = self.stage.batches(self.start_iter)
+        bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
+                       quiet=self.args.quiet)
+        self.t0 = time.time()
         for it in range(self.start_iter, stop):
-            if it == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.faults.at_iteration_start(it)
             logged = self.train_step(it, batches)
-            quality = monitor.collect() if monitor is not None else {}  # pseudo_acc (ground truth: monitoring only)
             bar.update(1)
-            if env.is_main:
-                mem = peak_memory_mib(env.device)  # CUDA only: the key is left out on the CPU
-                self.append_metrics(it, {**logged, **quality, **({} if mem is None else {"max_mem_mib": mem})})
-                if self.writer is not None and it % 10 == 0:
-                    for k, v in logged.items():
-                        self.writer.add_scalar(f"train/{k}", v, it)
-                    for k, (opt, _) in stage.optimizers.items():
-                        self.writer.add_scalar(f"lr/{k}", opt.param_groups[0]["lr"], it)
-                    stage.tensorboard_extra(self.writer, it)
-                    if monitor is not None:
-                        monitor.tensorboard(self.writer, it)
-                if it % args.print_every == 0:
-                    text = ", ".join(f"{k} = {v:.5f}" for k, v in logged.items() if k != "total")
-                    if monitor is not None:
-                        text += ", " + monitor.console_text()
-                    bar.set_postfix_str(text[:80])
-                    LOG.info("iter = %8d/%8d, %s (%.2fs/it%s)", it, args.num_steps, text,
-                             (time.time() - t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
-            if it >= stop - 1:
-                if env.is_main:
-                    self.save_official(f"{stage.checkpoint_prefix}_{stop}.pth")
-                self.save_latest(it + 1)
-                break
-            if it % args.save_pred_every == 0 and it != 0 and self.val_loader is not None:
-                miou = self.validate(it)
-                self.maybe_save_best(it, miou)
-            if (it + 1) % args.save_latest_every == 0:
-                self.save_latest(it + 1)
+            self.log_iteration(it, logged, bar)
+            if it == stop - 1:
+                if self.env.is_main:
+                    self.save_official(f"{self.stage.checkpoint_prefix}_{stop}.pth")
+                self.save_latest(stop)
+            else:
+                self.save_checkpoints(it)
         bar.close()
         du.barrier()
         if self.writer is not None:
             self.writer.close()
+
+
+class LoopFaults:
+    """Test-only faults of the training loop, the loop's one fault-injection seam.
+
+    From ``$DECOUPLENET_FAULT`` (see :mod:`utils.checkpoint`, which also honours
+    ``$DECOUPLENET_FAULT_RANK``): ``kill_at_iter:K`` SIGKILLs this process at the start of
+    iteration K, ``nan_at_iter:K`` makes the total loss of iteration K NaN. Without the variable
+    both hooks do nothing.
+    """
+
+    def __init__(self) -> None:
+        fault = injected_fault()
+        kind, arg = (fault[0], fault[1]) if fault else ("", "")
+        self.kill_at = int(arg) if kind == "kill_at_iter" else None
+        self.nan_at = int(arg) if kind == "nan_at_iter" else None
+
+    def at_iteration_start(self, it: int) -> None:
+        if it == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def losses(self, it: int, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        if it == self.nan_at:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
 
 
 def peak_memory_mib(device: torch.device) -> float | None:

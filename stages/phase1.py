@@ -22,8 +22,7 @@ from datasets.build import source_train_dataset, target_train_dataset
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.network import build_network, prepare_for_training, unwrap
-from engine.optim import autocast, sgd_for
+from engine.optim import autocast
 from engine.trainer import Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import load_group_state
@@ -160,8 +159,7 @@ class Phase1Stage(Stage):
     def build(self) -> None:
         args, env = self.args, self.env
         start: dict = {}  # the --resume file, kept only until the discriminators are built
-        net = build_network(args, decoupled=True, aux=True, skip_weights=self.resuming,
-                            checkpoint_hook=lambda ckpt: start.update(ckpt=ckpt))
+        net = self.build_net(decoupled=True, aux=True, checkpoint_hook=lambda ckpt: start.update(ckpt=ckpt))
         d1 = FCDiscriminator(net.stem_channels, ndf=32)
         d2 = FCDiscriminator(args.num_classes, ndf=64)
         if start:
@@ -178,19 +176,17 @@ class Phase1Stage(Stage):
                                              device=env.device)
         objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
         # The last pass (discriminators) reaches D1 and D2 only: see prepare_for_training.
-        self.model = prepare_for_training(objective, env, args, find_unused_parameters=True)
-        inner = unwrap(self.model)
-        self.net, self.d1, self.d2 = inner.net, inner.d1, inner.d2
+        inner = self.train_objective(objective, find_unused_parameters=True)
+        self.d1, self.d2 = inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
 
         adam = {"foreach": True} if env.device.type == "cuda" else {}
-        self.optimizers = {
-            "model": (sgd_for(self.net, args, env.device), args.learning_rate),
+        self.optimizers.update({
             "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
             "D2": (torch.optim.Adam(self.d2.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
-        }
+        })
         self.last_kept = torch.zeros((), device=env.device)
 
     def official_state(self) -> dict:

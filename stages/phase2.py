@@ -22,8 +22,7 @@ from datasets.errors import DatasetError
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.network import build_network, prepare_for_training, unwrap
-from engine.optim import autocast, sgd_for
+from engine.optim import autocast
 from engine.trainer import Stage
 from model import DecoupleNet, upsample
 from stages.losses import cross_entropy
@@ -105,11 +104,8 @@ class Phase2Stage(Stage):
         self.pseudo_monitor = make_monitor(self.target_set, args, env, LOG)
         w, h = args.tgt_img_size
         self.target_set.check_soft_labels(args.num_classes, (h // 8 + (h % 8 > 0), w // 8 + (w % 8 > 0)))
-        net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
-        self.model = prepare_for_training(Phase2Objective(net, args), env, args)
-        self.net = unwrap(self.model).net
+        self.train_objective(Phase2Objective(self.build_net(decoupled=False, aux=False), args))
         self.thresholds = torch.as_tensor(self.thresholds_np, dtype=torch.float32, device=env.device)
-        self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
 
         LOG.info("class thresholds from %s: %s", args.thresholds_path,
                  ", ".join(f"{n}={t:.3f}" for n, t in zip(class_names(args.num_classes), self.thresholds_np)))

@@ -15,8 +15,7 @@ from torch import Tensor, nn
 from datasets.build import source_train_dataset
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.network import build_network, prepare_for_training, unwrap
-from engine.optim import autocast, sgd_for
+from engine.optim import autocast
 from engine.trainer import Stage
 from model import DecoupleNet, upsample
 from model.decouplenet import sourceonly_state
@@ -39,11 +38,7 @@ class SourceOnlyStage(Stage):
     name = "source_only"
 
     def build(self) -> None:
-        args, env = self.args, self.env
-        net = build_network(args, decoupled=False, aux=False, skip_weights=self.resuming)
-        self.model = prepare_for_training(SourceOnlyObjective(net, args), env, args)
-        self.net = unwrap(self.model).net
-        self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
+        self.train_objective(SourceOnlyObjective(self.build_net(decoupled=False, aux=False), self.args))
 
     def official_state(self) -> dict:
         return sourceonly_state(self.net)
