@@ -232,6 +232,15 @@ def broken(kind: str, fn):
     return carry
 
 
+def run_passes(stage, it: int, batch: tuple) -> dict[str, torch.Tensor]:
+    """Every pass of ``stage.step`` in order, forward only; the losses of all passes, keyed
+    ``<pass index>/<name>``."""
+    losses = {}
+    for k, run_pass in enumerate(stage.step(it, batch)):
+        losses.update({f"{k}/{name}": v for name, v in run_pass().items()})
+    return losses
+
+
 def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterations: int) -> list[float]:
     """Phase2Stage.step (forward only) on the wiring data: pseudo_acc of each iteration."""
     from engine.options import parse_args
@@ -247,7 +256,7 @@ def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterat
     accs = []
     with torch.no_grad():
         for it in range(iterations):
-            stage.step(it, next(batches))
+            run_passes(stage, it, next(batches))
             accs.append(stage.pseudo_monitor.collect()["pseudo_acc"])
     return accs
 
@@ -293,7 +302,7 @@ def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt,
         batches = stage.batches(0)
         batch = next(batches)
         with torch.no_grad():
-            losses = stage.step(0, batch)
+            losses = run_passes(stage, 0, batch)
         results.append((losses, stage.pseudo_monitor, "label" in batch[1]))
     (with_gt, monitor, has_label), (without, no_monitor, no_label) = results
     assert monitor is not None and has_label and no_monitor is None and not no_label
@@ -397,7 +406,7 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     with torch.no_grad():
         for it in range(4):
             batch = next(batches)
-            stage.step(it, batch)
+            run_passes(stage, it, batch)
             tgt = batch[1]
             crop_hw = tuple(tgt["img"].shape[-2:])
             for i in range(tgt["img"].shape[0]):
