@@ -154,7 +154,6 @@ class Phase1Objective(nn.Module):
 
 class Phase1Stage(Stage):
     name = "phase1"
-    official_phase = 1
 
     def build(self) -> None:
         args, env = self.args, self.env
