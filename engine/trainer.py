@@ -121,7 +121,6 @@ class Stage:
         The data workers of this rank are split between the datasets; every sample is a
         function of its key, so the batches do not depend on the number of workers.
         """
-
         args, env = self.args, self.env
         workers = max(0, workers_per_rank(args, env) // len(datasets))
         streams = [stream(d, self.batch, env, args, start_iter * args.iter_size, workers) for d in datasets]
