@@ -131,6 +131,21 @@ class Stage:
         pass
 
 
+class PassObjective(nn.Module):
+    """The module a stage trains, computing one iteration's losses in passes that the trainer
+    back-propagates one by one (:meth:`Stage.step`). ``model(part, *inputs)`` runs the method of
+    that name, one of :attr:`PASSES`; going through ``forward`` keeps every pass inside the one
+    DDP wrapper."""
+
+    PASSES: tuple[str, ...] = ()
+
+    def forward(self, part: str, *inputs: Any) -> Any:
+        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
+        if part not in self.PASSES:
+            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
+        return getattr(self, part)(*inputs)
+
+
 class Trainer:
     """The iteration loop shared by source-only, phase 1 and phase 2 training."""
 

@@ -23,7 +23,7 @@ from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
 from engine.optim import autocast
-from engine.trainer import Stage
+from engine.trainer import PassObjective, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import load_group_state
 from stages.losses import cross_entropy
@@ -73,7 +73,7 @@ def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin:
     return loaded
 
 
-class Phase1Objective(nn.Module):
+class Phase1Objective(PassObjective):
     """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration
     (docs/METHOD.md section 3, steps 3-5).
 
@@ -94,12 +94,6 @@ class Phase1Objective(nn.Module):
         self.args = args
         self.pseudo_label_fn = pseudo_label_fn
         self.recompute_d1_input = bool(getattr(args, "activation_checkpointing", False))
-
-    def forward(self, part: str, *inputs: Any) -> Any:
-        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
-        if part not in self.PASSES:
-            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
-        return getattr(self, part)(*inputs)
 
     def d1_on_image(self, f: Tensor, hw: tuple[int, int] | torch.Size, frozen_d1: bool = False) -> Tensor:
         """D1 on stem features ``f`` upsampled to the image size ``hw`` (``frozen_d1``: through
@@ -170,7 +164,6 @@ class Phase1Stage(Stage):
                 LOG.info("discriminators %s from %s", ", ".join(loaded), args.resume)
             if fresh:
                 LOG.info("discriminators %s start fresh (not in %s)", ", ".join(fresh), args.resume)
-        self.net = net.to(env.device)
         self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
                                              device=env.device)
         objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
@@ -186,7 +179,6 @@ class Phase1Stage(Stage):
             "D2": (torch.optim.Adam(self.d2.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
         })
-        self.last_kept = torch.zeros((), device=env.device)
 
     def official_state(self) -> dict:
         """The official phase-1 groups plus ``aux_classifier``, ``D1`` and ``D2`` (the original's
@@ -210,9 +202,8 @@ class Phase1Stage(Stage):
         self.tracker.thresholds = thresholds
         keep = conf >= thresholds[pred]
         labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
-        self.last_kept = keep.float().mean()
         self.last_pseudo = labels  # for the pseudo-label accuracy (stages/pseudo_quality.py)
-        return labels, self.last_kept
+        return labels, keep.float().mean()
 
     def batches(self, start_iter: int):
         args = self.args

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from datasets.build import source_train_dataset, target_train_dataset
 from datasets.errors import DatasetError
@@ -23,7 +23,7 @@ from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
 from engine.optim import autocast
-from engine.trainer import Stage
+from engine.trainer import PassObjective, Stage
 from model import DecoupleNet, upsample
 from stages.losses import cross_entropy
 from stages.pseudo_quality import make_monitor
@@ -49,7 +49,7 @@ def load_thresholds(path: str, num_classes: int) -> np.ndarray:
     return thr
 
 
-class Phase2Objective(nn.Module):
+class Phase2Objective(PassObjective):
     """Network wrapper computing the losses of one phase-2 iteration in two passes, ``"source"``
     and ``"target"``; the source loss is back-propagated before the target pass starts, as the
     original does, so only one pass's activations are alive at a time."""
@@ -60,12 +60,6 @@ class Phase2Objective(nn.Module):
         super().__init__()
         self.net = net
         self.args = args
-
-    def forward(self, part: str, *inputs: Any) -> dict[str, Tensor]:
-        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
-        if part not in self.PASSES:
-            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
-        return getattr(self, part)(*inputs)
 
     def source(self, x_s: Tensor, y_s: Tensor) -> dict[str, Tensor]:
         """1. Source CE through the target stem (no temperature)."""
