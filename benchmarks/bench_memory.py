@@ -111,18 +111,13 @@ def ours_phase1(args, dev: torch.device):
 def ours_phase2(args, dev: torch.device):
     """Phase2Stage with the network, objective and optimizer of ``Phase2Stage.build``, which
     would also read a soft-label folder and a thresholds file (here: fixed thresholds 0.5)."""
-    from engine.network import build_network, prepare_for_training, unwrap
-    from engine.optim import sgd_for
     from engine.trainer import Trainer
     from stages.phase2 import Phase2Objective, Phase2Stage
 
-    env = DistEnv(device=dev)
-    stage = Phase2Stage(args, env)
-    net = build_network(args, decoupled=False, aux=False, skip_weights=True)
-    stage.model = prepare_for_training(Phase2Objective(net, args), env, args)
-    stage.net = unwrap(stage.model).net
+    stage = Phase2Stage(args, DistEnv(device=dev))
+    stage.resuming = True  # random weights: no weight file is read
+    stage.train_objective(Phase2Objective(stage.build_net(decoupled=False, aux=False), args))
     stage.thresholds = torch.full((args.num_classes,), 0.5, device=dev)
-    stage.optimizers = {"model": (sgd_for(stage.net, args, env.device), args.learning_rate)}
     return Trainer(stage, None, None)
 
 

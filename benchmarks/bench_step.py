@@ -168,20 +168,14 @@ def phase1_straightforward(args, env: DistEnv):
 def phase2_ours(args, env: DistEnv):
     """The engine's phase-2 iteration; the network, objective and optimizer of
     ``Phase2Stage.build`` (which would also read soft labels and a thresholds file)."""
-    from engine.network import prepare_for_training, unwrap
-    from engine.optim import sgd_for
     from engine.trainer import Trainer
-    from model import DecoupleNet
     from stages.phase2 import Phase2Objective, Phase2Stage
 
-    dev = env.device
     args.src_loss_weight = 1.0
     stage = Phase2Stage(args, env)
-    net = DecoupleNet(layer=args.layer, decoupled=False, aux=False)
-    stage.model = prepare_for_training(Phase2Objective(net, args), env, args).train()
-    stage.net = unwrap(stage.model).net
-    stage.thresholds = torch.full((19,), 0.5, device=dev)
-    stage.optimizers = {"model": (sgd_for(stage.net, args, dev), args.learning_rate)}
+    stage.resuming = True  # random weights: no weight file is read
+    stage.train_objective(Phase2Objective(stage.build_net(decoupled=False, aux=False), args))
+    stage.thresholds = torch.full((19,), 0.5, device=env.device)
     trainer = Trainer(stage, None, None)
     w, h = args.rcrop
     full = (w * 2, h * 2)
