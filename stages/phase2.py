@@ -74,7 +74,9 @@ class Phase2Objective(PassObjective):
         with torch.no_grad():
             full_hw = tuple(img_full.shape[-2:])
             soft_crop = carry_to_crop(soft.float(), full_hw, resized_hw, crop_box, flip, crop_hw=crop_hw)
-            pred_crop = online_prediction_to_crop(net(img_full).float(), crop_hw, resized_hw, crop_box, flip)
+            # The logits stay in the autocast dtype: the original upsamples the fp16 classifier
+            # output (interpolation is on neither autocast list) and only the softmax runs in fp32.
+            pred_crop = online_prediction_to_crop(net(img_full), crop_hw, resized_hw, crop_box, flip)
             pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, a.ignore_label)
         # 3. target CE on the fused pseudo labels.
         loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, a.ignore_label)

@@ -142,3 +142,50 @@ def test_bad_arguments() -> None:
         carry_to_crop(torch.zeros(2, 2, 4, 8), None, [[4, 8]], [[0, 2, 0, 8]], [False])
     with pytest.raises(ValueError):
         fuse_pseudo_labels(torch.zeros(2, 3, 3), torch.zeros(2, 3, 4), torch.zeros(2))
+
+
+def test_phase2_online_prediction_upsamples_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast the original computes ``softmax(interp(logits))`` on the half-precision
+    classifier output: the upsampled logits are rounded to that dtype, the softmax runs in fp32.
+    Phase 2's whole-image pass must do the same (checked here on the CPU under bf16)."""
+    from types import SimpleNamespace
+
+    import stages.phase2 as phase2
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 19, 8, stride=8)  # logits at output stride 8, like the network
+    with torch.no_grad():
+        net.weight.mul_(20.0)  # logits of a few units: bf16 rounding is visible in the probabilities
+    objective = phase2.Phase2Objective(net, SimpleNamespace(ignore_label=250))
+    img_full = torch.rand(2, 3, 64, 128)
+    x_t = torch.rand(2, 3, *CROP_HW)
+    soft = torch.randn(2, 19, 8, 16)
+    resized_hw = torch.tensor([[80, 160], [64, 128]])
+    crop_box = torch.tensor([[10, 58, 30, 126], [16, 64, 0, 96]])
+    flip = torch.tensor([True, False])
+    seen = []
+
+    def spy(logits, *args):
+        seen.append((logits, online_prediction_to_crop(logits, *args)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(phase2, "online_prediction_to_crop", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objective.target(x_t, img_full, soft, resized_hw, crop_box, flip, torch.full((19,), 0.5))
+        logits = net(img_full)
+    passed, got = seen[0]  # what phase 2 handed over and the prediction it fused
+    assert logits.dtype == torch.bfloat16 and passed.dtype == torch.bfloat16  # no cast before the upsampling
+    assert got.dtype == torch.float32
+    # independently: the original's softmax(interp(logits)) in bf16 then fp32, resize, crop, flip
+    up = F.interpolate(logits, size=CROP_HW, mode="bilinear", align_corners=True)
+    assert up.dtype == torch.bfloat16
+    prob = up.float().softmax(1)
+    for b in range(2):
+        ys, ye, xs, xe = crop_box[b].tolist()
+        ref = F.interpolate(prob[b : b + 1], size=tuple(resized_hw[b].tolist()), mode="bilinear",
+                            align_corners=True)[0, :, ys:ye, xs:xe]
+        ref = ref.flip(-1) if flip[b] else ref
+        torch.testing.assert_close(got[b], ref, rtol=0, atol=2e-6)
+    # the float32 upsampling (logits cast first) is measurably different
+    cast_first = online_prediction_to_crop(logits.float(), CROP_HW, resized_hw, crop_box, flip)
+    assert (cast_first - got).abs().max() > 1e-3

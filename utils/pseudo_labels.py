@@ -159,11 +159,17 @@ def online_prediction_to_crop(
     order that matches the original's numbers. ``logits_full``: ``[C, h, w]`` or
     ``[N, C, h, w]``; other arguments as :func:`carry_to_crop` (``crop_hw`` is both the
     upsampling size and the crop size, so nothing is read back from the device).
+
+    Precision, as the original under autocast: the upsampling runs in ``logits_full``'s dtype
+    (fp16/bf16 logits give half-precision upsampled logits), the softmax and everything after
+    it in float32. Float32 logits give float32 throughout.
     """
     batched = logits_full.dim() == 4
     xb = logits_full if batched else logits_full.unsqueeze(0)
     size = (int(crop_hw[0]), int(crop_hw[1]))
-    prob = F.interpolate(xb, size=size, mode="bilinear", align_corners=True).softmax(dim=1)
+    # .float() before the softmax: CUDA autocast runs softmax in fp32 anyway (the original's
+    # case); CPU autocast would keep bf16, so the cast is explicit. A no-op for float32.
+    prob = F.interpolate(xb, size=size, mode="bilinear", align_corners=True).float().softmax(dim=1)
     out = carry_to_crop(prob, None, resized_hw, crop_box, flip, crop_hw=size)
     return out if batched else out[0]
 
