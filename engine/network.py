@@ -18,7 +18,8 @@ from utils.checkpoint import safe_load
 
 
 def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False,
-                  checkpoint_hook: Callable[[dict], None] | None = None) -> DecoupleNet:
+                  checkpoint_hook: Callable[[dict], None] | None = None,
+                  after_backbone: Callable[[], object] | None = None) -> DecoupleNet:
     """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
 
     ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
@@ -28,9 +29,11 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
     initialisation (the original without ``--resume``).
     ``checkpoint_hook``: called with the loaded ``--resume`` dict after the network took its
     groups (phase 1 takes ``D1``/``D2`` from it).
+    ``after_backbone``: passed to :class:`DecoupleNet`, called between the ResNet(s) and the head
+    (phase 1 builds its discriminators there, in the original's order of draws).
     """
     net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
-                      decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn)
+                      decoupled=decoupled, aux=aux, freeze_bn=args.freeze_bn, after_backbone=after_backbone)
     if skip_weights:
         LOG.info("weights come from the training state (--resume_from)")
     elif args.resume:

@@ -82,11 +82,12 @@ class Stage:
         raise NotImplementedError
 
     def build_net(self, decoupled: bool, aux: bool,
-                  checkpoint_hook: Callable[[dict], None] | None = None) -> DecoupleNet:
+                  checkpoint_hook: Callable[[dict], None] | None = None,
+                  after_backbone: Callable[[], object] | None = None) -> DecoupleNet:
         """The stage's :class:`DecoupleNet`, weighted from ``--resume`` or ImageNet
         (:func:`engine.network.build_network`; neither is read when a training state will be restored)."""
         return build_network(self.args, decoupled=decoupled, aux=aux, skip_weights=self.resuming,
-                             checkpoint_hook=checkpoint_hook)
+                             checkpoint_hook=checkpoint_hook, after_backbone=after_backbone)
 
     def train_objective(self, objective: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """Make ``objective`` (a module holding ``net`` and the stage's losses) the module trained

@@ -27,11 +27,10 @@ them from ``--resume``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -164,10 +163,18 @@ class DecoupleNet(nn.Module):
         aux: build the Self-Discrimination ``aux_classifier`` (phase 1).
         freeze_bn: use :class:`FrozenBatchNorm2d` everywhere in the ResNet.
 
+        after_backbone: called once after the ResNet(s) are built and before the head (phase 1
+            builds its discriminators there, where the original does).
+
     Constructing the network loads no weights; see :meth:`load_imagenet` and
-    :meth:`load_official`. A new network is initialised as the original's: torchvision's ResNet
-    init, head weights N(0, 0.01) with default biases, classifier and aux classifier two
-    independent ``nn.Conv2d`` default initialisations.
+    :meth:`load_official`. A new network is initialised as the original's, drawing from the
+    global torch generator the same values in the same order (docs/METHOD.md section 2, "Fresh
+    weights"): a whole torchvision ResNet-101 per stem when ``decoupled`` (the source stem
+    from the first, the target stem and body from the second; the rest of the first is
+    dropped), else one; ``after_backbone``; the ASPP head (weights N(0, 0.01), default
+    biases) and the classifier; with ``aux``, a second head that is dropped, then the aux
+    classifier (the original's second ``ASPP_Classifier_Gen``, of which it keeps only the
+    classifier).
     """
 
     def __init__(
@@ -178,6 +185,7 @@ class DecoupleNet(nn.Module):
         decoupled: bool = True,
         aux: bool = True,
         freeze_bn: bool = False,
+        after_backbone: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         if layer not in STEM_CHANNELS:
@@ -187,21 +195,38 @@ class DecoupleNet(nn.Module):
         self.hidden_dim = hidden_dim
         self.freeze_bn = freeze_bn
         self.stem_channels = STEM_CHANNELS[layer]
-        resnet = torchvision.models.resnet101(
-            weights=None,
-            replace_stride_with_dilation=[False, True, True],
-            norm_layer=FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d,
-        )
-        children = [getattr(resnet, name) for name in RESNET_CHILDREN]
         split = 4 + layer
+
+        def resnet_children() -> list[nn.Module]:
+            resnet = torchvision.models.resnet101(
+                weights=None,
+                replace_stride_with_dilation=[False, True, True],
+                norm_layer=FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d,
+            )
+            return [getattr(resnet, name) for name in RESNET_CHILDREN]
+
+        # The construction order below is the original's (train_phase1.py / train_phase2.py), so
+        # that one seed gives the original's fresh values for every part (the draws of a
+        # torchvision ResNet-101 are those of the original's model/resnet.py).
+        # Phase 1 of the original builds two whole ResNet-101s: model_B1 from the first, model_B2
+        # and model_B from the second. A deep copy would draw nothing and shift every later part.
+        source_stem = nn.Sequential(*resnet_children()[:split]) if decoupled else None
+        children = resnet_children()
         self.target_stem = nn.Sequential(*children[:split])
-        self.source_stem = copy.deepcopy(self.target_stem) if decoupled else None
+        self.source_stem = source_stem  # registered after target_stem: the module order stays as it was
         self.body = ResNetBody(*children[split:])
+        if after_backbone is not None:
+            after_backbone()
         self.head = ASPPHead(2048, hidden_dim)
         self.classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True)
-        # A fresh 1x1 conv of its own, as the original's; a checkpoint without an aux group copies
-        # the classifier into it (load_official), an ImageNet start keeps this initialisation.
-        self.aux_classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True) if aux else None
+        if aux:
+            # The original's aux classifier is the classifier of a second ASPP_Classifier_Gen whose
+            # head it drops: draw that head too. A checkpoint without an aux group copies the
+            # classifier into it (load_official), an ImageNet start keeps this initialisation.
+            ASPPHead(2048, hidden_dim)
+            self.aux_classifier = nn.Conv2d(hidden_dim, num_classes, 1, bias=True)
+        else:
+            self.aux_classifier = None
 
     # ------------------------------------------------------------------ forward passes
     @property

@@ -25,7 +25,7 @@ from engine.common import LOG
 from engine.optim import autocast
 from engine.trainer import PassObjective, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
-from model.decouplenet import load_group_state
+from model.decouplenet import STEM_CHANNELS, load_group_state
 from stages.losses import cross_entropy
 from stages.pseudo_quality import make_monitor
 from utils import distributed as du
@@ -152,9 +152,16 @@ class Phase1Stage(Stage):
     def build(self) -> None:
         args, env = self.args, self.env
         start: dict = {}  # the --resume file, kept only until the discriminators are built
-        net = self.build_net(decoupled=True, aux=True, checkpoint_hook=lambda ckpt: start.update(ckpt=ckpt))
-        d1 = FCDiscriminator(net.stem_channels, ndf=32)
-        d2 = FCDiscriminator(args.num_classes, ndf=64)
+        parts: dict[str, FCDiscriminator] = {}
+
+        def discriminators() -> None:
+            # Drawn where the original builds them: after both ResNets, before the ASPP heads.
+            parts["D1"] = FCDiscriminator(STEM_CHANNELS[args.layer], ndf=32)
+            parts["D2"] = FCDiscriminator(args.num_classes, ndf=64)
+
+        net = self.build_net(decoupled=True, aux=True, checkpoint_hook=lambda ckpt: start.update(ckpt=ckpt),
+                             after_backbone=discriminators)
+        d1, d2 = parts["D1"], parts["D2"]
         if start:
             # A full phase-1 checkpoint of ours also starts both discriminators; any other file
             # (source-only, the original's phase-1 files) leaves them freshly initialised.

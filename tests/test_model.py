@@ -152,33 +152,32 @@ def test_imagenet_file_loads_into_stems_and_body(tmp_path):
     assert torch.equal(net.body[2][1].conv2.weight, resnet.layer4[1].conv2.weight)
 
 
-def _original_fresh_modules(num_classes: int = 19, hidden_dim: int = 128) -> dict[str, torch.nn.Module]:
-    """The original's fresh head / classifier / aux classifier, drawn in our construction order.
-
-    The original (model/classifier.py): four ``nn.Conv2d(2048, hidden, 3, padding=d, dilation=d)``
-    built in turn, then ``weight.data.normal_(0, 0.01)`` on each (biases keep the default init);
-    the classifier and the aux classifier are two ``nn.Conv2d(hidden, C, 1)`` left at the default
-    init (train_phase1.py copies the classifier into the aux one only when ``--resume`` is given).
-    """
-    convs = [torch.nn.Conv2d(2048, hidden_dim, 3, padding=d, dilation=d, bias=True) for d in (6, 12, 18, 24)]
-    for m in convs:
-        m.weight.data.normal_(0, 0.01)
-    return {"head": torch.nn.ModuleList(convs), "classifier": torch.nn.Conv2d(hidden_dim, num_classes, 1),
-            "aux_classifier": torch.nn.Conv2d(hidden_dim, num_classes, 1)}
-
-
-def test_fresh_head_and_classifiers_are_initialised_as_the_original():
+def test_fresh_head_and_classifiers_follow_the_originals_rule():
+    """The original's model/classifier.py rule, re-drawn by hand in its train_phase1.py order:
+    two ResNet-101s; D1, D2; four ``nn.Conv2d(2048, hidden, 3, padding=d, dilation=d)`` built
+    in turn, then ``weight.data.normal_(0, 0.01)`` on each (biases keep the default init); the
+    classifier ``nn.Conv2d(hidden, C, 1)``; a second head (dropped) and its classifier, the aux
+    classifier (copied from the classifier only when ``--resume`` is given)."""
     import torchvision
 
+    def heads() -> tuple[torch.nn.ModuleList, torch.nn.Conv2d]:
+        convs = [torch.nn.Conv2d(2048, 128, 3, padding=d, dilation=d, bias=True) for d in (6, 12, 18, 24)]
+        for m in convs:
+            m.weight.data.normal_(0, 0.01)
+        return torch.nn.ModuleList(convs), torch.nn.Conv2d(128, 19, 1)
+
     torch.manual_seed(11)
-    net = DecoupleNet(layer=1)
-    torch.manual_seed(11)  # the same draws: torchvision's ResNet-101 first, then head and classifiers
-    torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
-    ref = _original_fresh_modules()
-    for ours, theirs in zip(net.head.conv2d_list, ref["head"]):
+    net = DecoupleNet(layer=1, after_backbone=lambda: (FCDiscriminator(256, 32), FCDiscriminator(19, 64)))
+    torch.manual_seed(11)
+    for _ in range(2):
+        torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+    FCDiscriminator(256, 32), FCDiscriminator(19, 64)
+    head, classifier = heads()
+    _, aux_classifier = heads()
+    for ours, theirs in zip(net.head.conv2d_list, head):
         assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
-    for name in ("classifier", "aux_classifier"):
-        for key, value in ref[name].state_dict().items():
+    for name, ref in (("classifier", classifier), ("aux_classifier", aux_classifier)):
+        for key, value in ref.state_dict().items():
             assert torch.equal(getattr(net, name).state_dict()[key], value), f"{name}/{key}"
     # what that means: default-initialised head biases (not zeros), an aux classifier of its own
     assert net.head.conv2d_list[0].bias.abs().min() > 0
@@ -262,3 +261,79 @@ def test_activation_checkpointing_same_gradients_and_statistics(layer, expected)
     assert int(saver.body[-1][0].bn1.num_batches_tracked) == 1
     # layer 0: layer2..4 hold most of the activations; layer 2: layer3..4 still do
     assert kept["saver"] < 0.5 * kept["plain"], kept
+
+
+FRESH_ORACLE = os.path.join(PARITY, "fresh_init_seed1234.json")  # the original's construction at seed 1234
+
+
+def _matches_oracle(modules: dict[str, torch.nn.Module], expected: dict) -> None:
+    """Per-tensor float64 sums (and leading values) against the original's fresh parts."""
+    for group, module in modules.items():
+        state = module.state_dict()
+        assert expected[group], group
+        for key, ref in expected[group].items():
+            v = state[key].double()
+            assert float(v.sum()) == pytest.approx(ref["sum"], rel=1e-12, abs=1e-12), f"{group}/{key}"
+            assert float(v.abs().sum()) == pytest.approx(ref["abs_sum"], rel=1e-12), f"{group}/{key}"
+            if "first" in ref:
+                assert v.flatten()[:4].tolist() == ref["first"], f"{group}/{key}"
+
+
+def _groups(net: DecoupleNet, **extra: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    parts = {"model_B2": net.target_stem, "model_B": net.body, "head": net.head, "classifier": net.classifier}
+    if net.source_stem is not None:
+        parts["model_B1"] = net.source_stem
+    if net.aux_classifier is not None:
+        parts["aux_classifier"] = net.aux_classifier
+    return {**parts, **extra}
+
+
+def test_fresh_parts_draw_the_originals_values():
+    """One seed, the original's values for every fresh part: phase 1's two ResNet-101s (the
+    source stem from the first), D1, D2 (built between the ResNets and the head), the head,
+    the classifier and the aux classifier (after a second, dropped head); phase 2's one
+    ResNet, head and classifier. Oracle: the original's model/ and train_phase1.py /
+    train_phase2.py network lines on the CPU at seed 1234."""
+    with open(FRESH_ORACLE) as f:
+        oracle = json.load(f)
+    assert (oracle["seed"], oracle["layer"], oracle["num_classes"], oracle["hidden_dim"]) == (1234, 1, 19, 128)
+    parts: dict[str, torch.nn.Module] = {}
+
+    def discriminators() -> None:
+        parts["D1"] = FCDiscriminator(256, ndf=32)
+        parts["D2"] = FCDiscriminator(19, ndf=64)
+
+    torch.manual_seed(1234)
+    net = DecoupleNet(layer=1, after_backbone=discriminators)
+    _matches_oracle(_groups(net, **parts), oracle["phase1"])
+    assert set(oracle["phase1"]) == set(_groups(net, **parts))
+    # the stems are two independent draws, as the original's two ResNets
+    assert not torch.equal(net.source_stem[0].weight, net.target_stem[0].weight)
+    torch.manual_seed(1234)
+    net = DecoupleNet(layer=1, decoupled=False, aux=False)
+    assert set(oracle["phase2"]) == set(_groups(net))
+    _matches_oracle(_groups(net), oracle["phase2"])
+
+
+def test_phase1_stage_starts_from_the_originals_draws(tmp_path):
+    """train_phase1.py's own path (seed_everything, then Phase1Stage.build) with ``--resume ''``:
+    D1, D2, head, classifier and aux classifier start from the original's values at seed 1234
+    (rank 0); the backbone comes from the ImageNet file."""
+    import torchvision
+
+    from engine.launch import seed_everything
+    from engine.options import parse_args
+    from stages.phase1 import Phase1Stage
+    from utils.distributed import DistEnv
+
+    path = tmp_path / "resnet101-5d3b4d8f.pth"
+    torch.save(torchvision.models.resnet101(weights=None).state_dict(), path)
+    with open(FRESH_ORACLE) as f:
+        oracle = json.load(f)["phase1"]
+    args = parse_args("phase1", "", ["--cpu", "--resume", "", "--imagenet", str(path), "--random-seed", "1234"])
+    seed_everything(args.random_seed, 0)
+    stage = Phase1Stage(args, DistEnv())
+    stage.build()
+    net = stage.net
+    _matches_oracle({"D1": stage.d1, "D2": stage.d2, "head": net.head, "classifier": net.classifier,
+                     "aux_classifier": net.aux_classifier}, oracle)

@@ -150,7 +150,7 @@ def test_phase2_online_prediction_upsamples_in_the_autocast_dtype(monkeypatch: p
     Phase 2's whole-image pass must do the same (checked here on the CPU under bf16)."""
     from types import SimpleNamespace
 
-    import stages.phase2 as phase2
+    from stages import phase2
 
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 19, 8, stride=8)  # logits at output stride 8, like the network
