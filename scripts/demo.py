@@ -491,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpts["phase 1"] = os.path.join(snap, f"GTA5_{cfg.steps[1]}.pth")
 
     soft = os.path.join(out, "soft_labels")
-    run("soft labels", ["generate_soft_label.py", *base, "--resume", ckpts["phase 1"], "--output_folder", soft,
-                        "--no_droplast", "--snapshot-dir", os.path.join(runs, "soft_labels")])
+    run("soft labels", ["generate_soft_label.py", *base, "--batch-size", "2", "--resume", ckpts["phase 1"],
+                        "--output_folder", soft, "--no_droplast", "--snapshot-dir", os.path.join(runs, "soft_labels")])
 
     run("thresholds", [os.path.join(REPO, "datasets", "get_thresholds.py"), "0.8", "soft_labels", "--quiet"], cwd=out)
     thresholds = os.path.join(out, "soft_labels_thresholds_p0.8.npy")

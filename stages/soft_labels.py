@@ -30,7 +30,9 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     only); ``--inference_amp fp16|bf16`` opts into half precision, which changes the logits.
     Every image is written exactly once over all ranks (no padded sampler); each file is written
     atomically, so an interrupted run never leaves a partial file under a final name and
-    ``--skip_existing`` can continue it. Returns the number of files written by this rank.
+    ``--skip_existing`` can continue it. Images go through the network ``--batch-size`` at a
+    time over all ranks (the original's target train loader). Returns the number of files
+    written by this rank.
 
     When every train image has ground truth (``gtFine/train``; not read with
     ``--no_pseudo_eval``) the log also gets the mIoU of the soft labels' argmax against it, per
@@ -71,7 +73,9 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
     written = 0
     t0 = time.time()
     if dataset.files:
-        loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
+        # --batch-size, not --batch_size_val: the original labels the images with its target
+        # *train* loader, whose per-GPU batch is --batch-size // world size.
+        loader = shard_loader(dataset, per_rank(args.batch_size, env, "--batch-size"), env,
                               workers_per_rank(args, env))
         with torch.no_grad():
             for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):

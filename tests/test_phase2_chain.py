@@ -261,10 +261,38 @@ def test_generate_soft_labels_skip_existing(interop_float32, official_phase1_ckp
 def test_generate_soft_labels_two_processes(official_phase1_ckpt, tmp_path) -> None:
     out = tmp_path / "soft_ddp"
     proc = run_script(generate_args(official_phase1_ckpt, out, tmp_path / "snap", "--dist", "--gpus", "0,1",
-                                    "--batch_size_val", "2"), env=ONE_LINE_ENV)
+                                    "--batch-size", "2"), env=ONE_LINE_ENV)
     # 3 images over 2 ranks: written 3 times in total (no padded duplicate), each file once.
     assert "soft labels: 3 files written" in proc.stdout, proc.stdout
     check_against_expected(out, np.float32, 1e-4)
+
+
+def test_generate_soft_labels_batch_is_the_batch_size_flag(official_phase1_ckpt, tmp_path, monkeypatch) -> None:
+    """The original labels the images with its target *train* loader: ``--batch-size // W``
+    images per GPU (``--batch_size_val`` plays no part). The README command (``--batch-size 8
+    --gpus 0,1,2,3 --batch_size_val 4``) gives 2 per GPU; a lower ``--batch-size`` lowers it."""
+    import stages.soft_labels
+    from engine.options import parse_args
+    from utils.distributed import DistEnv
+
+    seen: list[int] = []
+    real = stages.soft_labels.shard_loader
+
+    def recording(dataset, batch_per_rank, env, num_workers):
+        loader = real(dataset, batch_per_rank, env, num_workers)
+        seen.append(loader.batch_size)
+        return loader
+
+    monkeypatch.setattr(stages.soft_labels, "shard_loader", recording)
+    readme = ["--batch-size", "8", "--gpus", "0,1,2,3", "--batch_size_val", "4", "--no_droplast"]
+    for name, flags, env, per_gpu in (("readme", readme, DistEnv(rank=0, world_size=4), 2),
+                                      ("one_rank", ["--batch-size", "3", "--batch_size_val", "1"], DistEnv(), 3),
+                                      ("lowered", ["--batch-size", "1", "--batch_size_val", "4"], DistEnv(), 1)):
+        argv = [str(a) for a in generate_args(official_phase1_ckpt, tmp_path / name, tmp_path / f"snap_{name}",
+                                              *flags)[1:]]
+        stages.soft_labels.generate_soft_labels(parse_args("soft_label", "", argv), env)
+        assert seen[-1] == per_gpu, (name, seen)
+    check_against_expected(tmp_path / "one_rank", np.float32, 1e-4)  # batching does not change the labels
 
 
 # ---------------------------------------------------------------------------- bad phase-2 inputs
