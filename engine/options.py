@@ -213,10 +213,13 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         raise OptionError(f"--dist_timeout: must be positive, got {args.dist_timeout}")
     if args.num_workers < 0:
         raise OptionError(f"--num-workers: must be >= 0, got {args.num_workers}")
-    if args.num_steps_stop > args.num_steps:
-        raise OptionError(f"--num-steps-stop ({args.num_steps_stop}) must not exceed --num-steps ({args.num_steps})")
-    if not 0.0 < args.conf_p < 1.0:
-        raise OptionError(f"--conf_p: must be in (0, 1), got {args.conf_p}")
+    # --num-steps-stop > --num-steps is accepted, as the original: training then ends with the
+    # schedule (engine.trainer.stop_iteration) and a WARNING line says so.
+    # --conf_p 0 is the original's "highest confidence of the bank" (index 0 of the descending
+    # sort); 1 or more makes the original's index run past the bank (IndexError), a negative
+    # value makes it count from the bank's end.
+    if not 0.0 <= args.conf_p < 1.0:
+        raise OptionError(f"--conf_p: must be in [0, 1), got {args.conf_p}")
     if args.save_latest_every is None:
         args.save_latest_every = args.save_pred_every
     if args.save_latest_every <= 0:

@@ -380,8 +380,9 @@ class Trainer:
     def train(self) -> None:
         """The loop. Each iteration: one optimizer update (:meth:`train_step`), its log
         (:meth:`log_iteration`), its checkpoints (:meth:`save_checkpoints`); after the last one
-        the final checkpoint and training state."""
-        stop = self.args.num_steps_stop
+        the final checkpoint and training state (see :func:`stop_iteration` for a
+        ``--num-steps-stop`` beyond ``--num-steps``)."""
+        stop, final = stop_iteration(self.args)
         batches = self.stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
                        quiet=self.args.quiet)
@@ -391,12 +392,14 @@ class Trainer:
             logged = self.train_step(it, batches)
             bar.update(1)
             self.log_iteration(it, logged, bar)
-            if it == stop - 1:
+            if it == stop - 1 and final:
                 if self.env.is_main:
                     self.save_official(f"{self.stage.checkpoint_prefix}_{stop}.pth")
                 self.save_latest(stop)
             else:
                 self.save_checkpoints(it)
+                if it == stop - 1 and stop % self.args.save_latest_every != 0:
+                    self.save_latest(stop)  # the end of the schedule: a resume has nothing left to do
         bar.close()
         du.barrier()
         if self.writer is not None:
@@ -442,8 +445,28 @@ def peak_memory_text(device: torch.device) -> str:
     return "" if mib is None else f", peak GPU memory {mib:.0f} MiB"
 
 
+def stop_iteration(args: Any) -> tuple[int, bool]:
+    """``(iterations, final)``: how many iterations a run makes and whether the last one writes the
+    final ``GTA5_<num_steps_stop>.pth``.
+
+    The original loops over ``range(--num-steps)`` and saves and stops at iteration
+    ``--num-steps-stop - 1``. So a ``--num-steps-stop`` larger than ``--num-steps`` runs the whole
+    schedule and writes no final file: the best checkpoints ``GTA5_<iter>_<miou>.pth`` are then
+    the run's result.
+    """
+    if args.num_steps_stop <= args.num_steps:
+        return args.num_steps_stop, True
+    return args.num_steps, False
+
+
 def run_stage(stage: Stage, writer: Any, with_validation: bool = True) -> Trainer:
     """Build the stage, restore ``--resume_from`` if given, and train."""
+    args = stage.args
+    if not stop_iteration(args)[1] and stage.env.is_main:
+        LOG.warning("--num-steps-stop %d is larger than --num-steps %d: as the original, training runs the %d "
+                    "iterations of the schedule and writes no final %s_%d.pth (the best checkpoints "
+                    "%s_<iter>_<miou>.pth are the result)", args.num_steps_stop, args.num_steps, args.num_steps,
+                    stage.checkpoint_prefix, args.num_steps_stop, stage.checkpoint_prefix)
     path = resolve_resume_from(stage.args)
     stage.resuming = path is not None
     stage.build()
@@ -452,7 +475,7 @@ def run_stage(stage: Stage, writer: Any, with_validation: bool = True) -> Traine
         trainer.restore(path)
     elif stage.args.resume_from == "auto":
         LOG.info("--resume_from auto: no %s in %s, starting fresh", LATEST, stage.args.snapshot_dir)
-    if trainer.start_iter >= stage.args.num_steps_stop:
+    if trainer.start_iter >= stop_iteration(stage.args)[0]:
         LOG.info("nothing to do: the training state is already at iteration %d", trainer.start_iter)
         return trainer
     trainer.train()

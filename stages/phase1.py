@@ -173,6 +173,9 @@ class Phase1Stage(Stage):
                 LOG.info("discriminators %s start fresh (not in %s)", ", ".join(fresh), args.resume)
         self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
                                              device=env.device)
+        if args.conf_p == 0 and env.is_main:
+            LOG.warning("--conf_p 0: each class threshold is the highest confidence in its bank (as the original), "
+                        "so the aux classifier learns only from the pixels at that maximum, almost none")
         objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
         # The last pass (discriminators) reaches D1 and D2 only: see prepare_for_training.
         inner = self.train_objective(objective, find_unused_parameters=True)

@@ -509,3 +509,52 @@ def test_ddp_passes_all_reduce_every_gradient(tmp_path) -> None:
     result = torch.load(out, weights_only=True)
     assert result["count"] > 300 and result["local_gap"] > 1e-2, result  # the ranks' gradients do differ
     assert result["worst"] <= 1e-4, result
+
+
+def _warnings(proc) -> list[str]:
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if " WARNING " in ln]
+
+
+def test_num_steps_stop_beyond_num_steps_runs_the_schedule(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+    """``--num-steps-stop`` larger than ``--num-steps`` is accepted, as the original: its loop is
+    ``range(--num-steps)`` and it saves the final ``GTA5_<stop>.pth`` only at iteration
+    ``stop - 1``, which never comes. So --num-steps iterations, validation and best checkpoints as
+    usual, no final file, and one WARNING line saying so; the weights are those of the run that
+    stops at the end of the schedule."""
+    common = ("--batch-size", "2", "--num-workers", "0", "--num-steps", "2", "--save-pred-every", "1")
+    beyond, at_end = tmp_path / "beyond", tmp_path / "at_end"
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, beyond, *common, "--num-steps-stop", "5"))
+    warnings = _warnings(proc)
+    assert len(warnings) == 1 and "--num-steps-stop 5 is larger than --num-steps 2" in warnings[0], warnings
+    assert "no final GTA5_5.pth" in warnings[0]
+    checkpoints = sorted(p.name for p in beyond.glob("GTA5_*.pth"))
+    # the original's files: the best checkpoint of the validation at iteration 1, nothing else
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("GTA5_1_"), checkpoints
+    assert [m["iter"] for m in read_metrics(beyond)] == [0, 1]
+    run_script(phase1_args(synthetic_data, sourceonly_ckpt, at_end, *common, "--num-steps-stop", "2"))
+    assert (at_end / "GTA5_2.pth").is_file()
+    a, b = (torch.load(s / "latest.pth", map_location="cpu", weights_only=True) for s in (beyond, at_end))
+    assert a["iteration"] == b["iteration"] == 2
+    assert_same_state(a["model"], b["model"], "model")
+    assert_same_state(a["extra_modules"], b["extra_modules"], "extra_modules")
+    # continuing it: nothing left to do
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, beyond, *common, "--num-steps-stop", "5",
+                                  "--resume_from", "auto"))
+    assert "nothing to do" in proc.stdout
+
+
+def test_conf_p_zero_thresholds_at_the_bank_maximum(synthetic_data, sourceonly_ckpt, tmp_path) -> None:
+    """``--conf_p 0`` is accepted, as the original: its threshold is index ``int(len * 0) = 0`` of
+    the bank sorted descending, the bank's highest confidence (tests/test_thresholds.py compares
+    the rule with the original's numbers); one WARNING line says what that means."""
+    snapshot = tmp_path / "p0"
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snapshot, "--batch-size", "2", "--num-workers", "0",
+                                  "--num-steps", "2", "--num-steps-stop", "2", "--conf_p", "0"))
+    warnings = _warnings(proc)
+    assert len(warnings) == 1 and "--conf_p 0" in warnings[0], warnings
+    state = torch.load(snapshot / "latest.pth", map_location="cpu", weights_only=True)["stage_state"]["thresholds"]
+    count = state["count"]
+    assert count.sum() > 0
+    for c in range(19):
+        bank = state["bank"][c, : int(count[c])]
+        assert state["thresholds"][c] == (bank.max() if bank.numel() else 0.0), c

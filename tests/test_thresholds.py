@@ -130,3 +130,17 @@ def test_float16_confidences() -> None:
     conf = torch.tensor([0.5, 0.25, 0.125], dtype=torch.float16)
     tracker = OnlineClassThresholds(1, p=0.5, bank_length=10)
     assert tracker.update(conf, torch.zeros(3, dtype=torch.int64)).tolist() == [0.25]
+
+
+def test_conf_p_zero_matches_original() -> None:
+    """``--conf_p 0``: the original's own lines on the inputs of conf_bank_expected.npz
+    (conf_bank_p0_expected.npz): each threshold is the highest confidence of its bank."""
+    with np.load(f"{PARITY}/conf_bank_expected.npz") as data:
+        conf, pred = data["conf"], data["pred"]
+    with np.load(f"{PARITY}/conf_bank_p0_expected.npz") as data:
+        assert float(data["p"]) == 0.0
+        length, expected = int(data["bank_length"]), data["thresholds"]
+    tracker = OnlineClassThresholds(19, p=0.0, bank_length=length)
+    for step in range(conf.shape[0]):
+        np.testing.assert_array_equal(tracker.update(torch.from_numpy(conf[step]), torch.from_numpy(pred[step])).numpy(),
+                                      expected[step])
