@@ -4,7 +4,7 @@ Usage, exactly as the original::
 
     cd datasets && python3 get_thresholds.py 0.8 gta2city_soft_labels
 
-writes ``./gta2city_soft_labels_thresholds_p0.8.npy`` (19 float32 values, the original's
+writes ``./gta2city_soft_labels_thresholds_p0.8.npy`` (one float32 value per class, the original's
 dtype). As the original, the file is ``./FOLDER_thresholds_pP.npy`` relative to the working
 directory, with ``P`` as Python prints the float: from the repository root,
 ``python3 datasets/get_thresholds.py 0.8 datasets/gta2city_soft_labels`` writes
@@ -14,7 +14,8 @@ original would write ``FOLDER/_thresholds_pP.npy`` inside the soft-label folder)
 absolute FOLDER gives ``FOLDER_thresholds_pP.npy`` next to it (the original prefixes ``./``,
 which turns ``/data/soft`` into ``./data/soft`` under the working directory). Also runs as
 ``python3 -m datasets.get_thresholds P FOLDER``; ``--output PATH`` chooses the file,
-``--num-classes`` the class count and ``--quiet`` hides the progress bars and the printed
+``--num-classes`` checks the class count (taken from the files, as the original: 16 for
+SYNTHIA soft labels, 19 for GTA5's) and ``--quiet`` hides the progress bars and the printed
 lines. Printed after the file: per class, the threshold, the pixels whose argmax is the
 class and the fraction of them kept at ``P`` (winning probability >= threshold). The file is
 written atomically, with the permissions of an ordinary new file (0644 under umask 022).
@@ -157,14 +158,39 @@ def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _read_logits(path: str, num_classes: int, scratch: _Scratch) -> np.ndarray:
+def _header_shape(path: str) -> tuple[int, ...]:
+    """The array shape in the header of the ``.npy`` file ``path``."""
+    try:
+        with open(path, "rb") as f:
+            return tuple(read_npy_header(f)[0])
+    except (OSError, ValueError) as exc:
+        raise ThresholdsError(f"cannot read {path}: {exc}") from exc
+
+
+def infer_num_classes(files: Sequence[str], num_classes: int | None = None) -> tuple[int, str]:
+    """The class count of the soft labels, from the first axis of the first file (the original
+    runs its softmax over that axis and takes as many classes as it finds), and the reason to
+    quote when another file disagrees. A given ``num_classes`` (``--num-classes``) must match it."""
+    shape = _header_shape(files[0])
+    if len(shape) != 3:
+        raise ThresholdsError(f"{files[0]}: expected logits of shape [C, H, W], got {list(shape)}")
+    if num_classes is not None and num_classes != shape[0]:
+        raise ThresholdsError(f"--num-classes {num_classes}: the soft labels have {shape[0]} classes "
+                              f"({files[0]}: shape {list(shape)})")
+    source = f"--num-classes {num_classes}" if num_classes is not None else f"as {os.path.basename(files[0])}"
+    return shape[0], source
+
+
+def _read_logits(path: str, num_classes: int, scratch: _Scratch, source: str = "") -> np.ndarray:
     """The logits of ``path`` as float32 ``[C, H, W]``; float32 C-order files are read straight
-    into ``scratch.logits`` (no new array per file), anything else through ``np.load``."""
+    into ``scratch.logits`` (no new array per file), anything else through ``np.load``.
+    ``source``: where ``num_classes`` comes from, quoted in the shape error."""
     try:
         with open(path, "rb") as f:
             shape, fortran_order, dtype = read_npy_header(f)
             if len(shape) != 3 or shape[0] != num_classes:
-                raise ThresholdsError(f"{path}: expected logits of shape [{num_classes}, H, W], got {list(shape)}")
+                why = f" ({source})" if source else ""
+                raise ThresholdsError(f"{path}: expected logits of shape [{num_classes}, H, W]{why}, got {list(shape)}")
             if not np.issubdtype(dtype, np.floating):
                 raise ThresholdsError(f"{path}: expected floating-point logits, got {dtype}")
             if dtype == np.dtype(np.float32) and not fortran_order:
@@ -180,21 +206,22 @@ def _read_logits(path: str, num_classes: int, scratch: _Scratch) -> np.ndarray:
         raise ThresholdsError(f"cannot read {path}: {exc}") from exc
 
 
-def _file_keys(path: str, num_classes: int, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+def _file_keys(path: str, num_classes: int, scratch: _Scratch, source: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Winning class (int64) and the bit pattern of the winning probability (uint32) per pixel,
     as views into ``scratch`` (valid until the next file)."""
     try:
-        cls, prob = _softmax_max(_read_logits(path, num_classes, scratch), scratch)
+        cls, prob = _softmax_max(_read_logits(path, num_classes, scratch, source), scratch)
     except FloatingPointError as exc:
         raise ThresholdsError(f"{path}: {exc}") from None
     return cls.reshape(-1), prob.reshape(-1).view(np.uint32)
 
 
-def _each_file(files: Sequence[str], num_classes: int, desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _each_file(files: Sequence[str], num_classes: int, desc: str, progress: bool,
+               source: str = "") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield :func:`_file_keys` for every file, with a tqdm bar when ``progress``."""
     scratch = _Scratch()
     for path in tqdm(files, desc=desc, unit="file", disable=not progress):
-        yield _file_keys(path, num_classes, scratch)
+        yield _file_keys(path, num_classes, scratch, source)
 
 
 class _KeyCache:
@@ -256,15 +283,17 @@ def _class_label(c: int, num_classes: int) -> str:
     return str(c)
 
 
-def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: bool = True,
+def compute_thresholds(folder: str, p: float, num_classes: int | None = None, progress: bool = True,
                        report: dict | None = None) -> np.ndarray:
     """Class thresholds of docs/METHOD.md section 5 for the soft labels in ``folder``.
 
     Args:
         folder: folder of ``.npy`` logits files ``[num_classes, H, W]`` (float32 or float16;
             float16 is converted to float32 before the softmax).
-        p: the rank fraction, ``0 < p < 1``.
-        num_classes: number of classes ``C``.
+        p: the rank fraction, ``0 <= p < 1`` (0: the highest probability of each class, as the original).
+        num_classes: number of classes ``C``; ``None`` (the default) takes it from the files, as
+            the original (the first axis of the first file; every file must have it). When
+            given, the files must have it (:func:`infer_num_classes`).
         progress: show a tqdm progress bar (one pass over the files; a second one only if
             the temporary cache cannot be written).
         report: if given, filled with int64 ``[C]`` arrays ``"pixels"`` (pixels whose argmax
@@ -280,11 +309,15 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
 
     Raises:
         ThresholdsError: missing folder, no ``.npy`` files, a file of the wrong shape or
-            dtype, non-finite logits, or ``p`` outside (0, 1).
+            dtype, a class count other than ``num_classes``, non-finite logits, or ``p``
+            outside [0, 1).
     """
-    if not 0.0 < p < 1.0:
-        raise ThresholdsError(f"P must be between 0 and 1 (exclusive), got {p}")
+    # P = 0 is the original's index 0 of the descending pool, the highest probability; P >= 1
+    # indexes past the pool there (IndexError), a negative P counts from its end.
+    if not 0.0 <= p < 1.0:
+        raise ThresholdsError(f"P must be in [0, 1), got {p}")
     files = _list_files(folder)
+    num_classes, source = infer_num_classes(files, num_classes)
 
     # Level 1, one pass over the files: per class, counts of the high 16 bits of the winning
     # probability. That probability is 1 / sum(e) with sum(e) <= C, so it lies in [1/C, 1]:
@@ -294,7 +327,7 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
     hist_hi = np.zeros(num_classes * hi_span, dtype=np.int64)
     cache = _KeyCache(num_classes)
     try:
-        for cls, key in _each_file(files, num_classes, "thresholds", progress):
+        for cls, key in _each_file(files, num_classes, "thresholds", progress, source):
             hist_hi += np.bincount(cls * hi_span + ((key >> 16) - hi_first), minlength=num_classes * hi_span)
             cache.append(cls, key)
         hist_hi = hist_hi.reshape(num_classes, hi_span)
@@ -305,9 +338,9 @@ def compute_thresholds(folder: str, p: float, num_classes: int = 19, progress: b
 
         # Level 2: per class, counts of the low 16 bits of the values inside the chosen bin,
         # from the cache (or, if it could not be written, from the files again).
-        source = cache if cache.ok else _each_file(files, num_classes, "thresholds, second pass", progress)
+        pairs = cache if cache.ok else _each_file(files, num_classes, "thresholds, second pass", progress, source)
         hist_lo = np.zeros(num_classes * _LO_BINS, dtype=np.int64)
-        for cls, key in source:
+        for cls, key in pairs:
             inside = (key >> 16) == hi_bin[cls]
             index, counts = np.unique(cls[inside] * _LO_BINS + (key[inside] & 0xFFFF), return_counts=True)
             hist_lo[index] += counts
@@ -401,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", default=None,
         help="output file (default: ./<FOLDER>_thresholds_p<P>.npy relative to the working directory, as the original)"
     )
-    parser.add_argument("--num-classes", type=int, default=19, help="number of classes (default 19)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes; by default taken from the soft-label files, as the original "
+                             "(19 for Cityscapes, 16 for SYNTHIA). When given, the files must have it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, nothing printed on success")
     args = parser.parse_args(argv)
     output = args.output if args.output is not None else default_output_name(args.folder, args.p)
@@ -413,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             report=report)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
+        if args.p == 0:
+            print("warning: P = 0: each threshold is its class's highest probability (as the original), "
+                  "so phase 2 keeps almost no pixel", file=sys.stderr)
         _atomic_save(output, thresholds.astype(np.float32, copy=False))
     except ThresholdsError as exc:
         print(f"error: {exc}", file=sys.stderr)

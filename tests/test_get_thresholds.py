@@ -20,6 +20,7 @@ from datasets.get_thresholds import (
 from tests.helpers import PARITY, REPO
 
 SOFT = Path(PARITY) / "soft_labels"
+SOFT16 = Path(PARITY) / "soft_labels_16"  # 16 classes (SYNTHIA-like), every class wins somewhere
 SCRIPT = Path(REPO) / "datasets" / "get_thresholds.py"
 
 
@@ -149,8 +150,10 @@ def _bad_file(folder: Path, name: str, array: np.ndarray) -> None:
         ("nan", "bad_nan.npy"),
         ("inf", "bad_inf.npy"),
         ("truncated", "bad_truncated.npy: file is truncated"),
-        ("p_high", "between 0 and 1"),
-        ("p_zero", "between 0 and 1"),
+        ("p_high", "P must be in [0, 1), got 1.5"),
+        ("p_one", "P must be in [0, 1), got 1.0"),
+        ("p_negative", "P must be in [0, 1), got -0.1"),
+        ("num_classes", "--num-classes 19: the soft labels have 16 classes"),
     ],
 )
 def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
@@ -170,11 +173,14 @@ def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
         _bad_file(folder, "bad_truncated.npy", np.zeros((19, 4, 4), dtype=np.float32))
         data = (folder / "bad_truncated.npy").read_bytes()
         (folder / "bad_truncated.npy").write_bytes(data[:-10])
-    elif case in ("p_high", "p_zero"):
+    elif case in ("p_high", "p_one", "p_negative"):
         shutil.copytree(SOFT, folder)
-        p = "1.5" if case == "p_high" else "0"
+        p = {"p_high": "1.5", "p_one": "1", "p_negative": "-0.1"}[case]
+    elif case == "num_classes":
+        shutil.copytree(SOFT16, folder)
+    extra = ["--num-classes", "19"] if case == "num_classes" else []
     before = sorted(os.listdir(tmp_path))
-    proc = _run([p, str(folder), "--quiet"], cwd=tmp_path)
+    proc = _run([p, str(folder), "--quiet", *extra], cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
@@ -184,8 +190,10 @@ def test_bad_inputs_exit_2(tmp_path: Path, case: str, message: str) -> None:
 def test_errors_in_process(tmp_path: Path) -> None:
     with pytest.raises(ThresholdsError, match="not found"):
         compute_thresholds(str(tmp_path / "nope"), 0.8, progress=False)
-    with pytest.raises(ThresholdsError, match="between 0 and 1"):
+    with pytest.raises(ThresholdsError, match=r"P must be in \[0, 1\)"):
         compute_thresholds(str(SOFT), 1.0, progress=False)
+    with pytest.raises(ThresholdsError, match="--num-classes 16: the soft labels have 19 classes"):
+        compute_thresholds(str(SOFT), 0.8, num_classes=16, progress=False)
 
 
 def test_near_ties_follow_the_original_argmax(tmp_path: Path) -> None:
@@ -229,3 +237,24 @@ def test_second_pass_without_cache(soft_copy: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(gt._KeyCache, "append", failing_append)
     expected = np.load(f"{PARITY}/thresholds_expected.npz")
     np.testing.assert_array_equal(compute_thresholds(str(soft_copy), 0.8, progress=False), expected["p0.8"])
+
+
+@pytest.mark.parametrize("p", ["0.8", "0.5", "0.0"])
+def test_16_class_soft_labels_match_original(tmp_path: Path, p: str) -> None:
+    """SYNTHIA-like soft labels: the class count comes from the files, as the original's (its
+    softmax runs over the files' first axis); --num-classes 16 is accepted as a check. Oracle:
+    the original's get_thresholds.py run on these files (thresholds_16_expected.npz); P = 0, which
+    it accepts, is each class's highest probability."""
+    expected = np.load(f"{PARITY}/thresholds_16_expected.npz")[f"p{p}"]
+    assert expected.shape == (16,) and expected.dtype == np.float32
+    for extra in ([], ["--num-classes", "16"]):
+        out = tmp_path / f"thr{len(extra)}.npy"
+        proc = _run([p, str(SOFT16), "--output", str(out), *extra], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        result = np.load(out)
+        assert result.dtype == np.float32 and result.shape == (16,)
+        np.testing.assert_array_equal(result, expected)
+        assert "16 (" not in proc.stdout and "15 (bicycle)" in proc.stdout  # SYNTHIA's class names
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == (1 if p == "0.0" else 0) and (p != "0.0" or "P = 0" in warnings[0]), proc.stderr
+    np.testing.assert_array_equal(compute_thresholds(str(SOFT16), float(p), progress=False), expected)
