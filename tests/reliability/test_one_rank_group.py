@@ -54,7 +54,9 @@ def _losses(snap: Path) -> list[dict]:
 
 def test_launched_single_rank_has_a_process_group_and_ddp(runs) -> None:
     for name in ("torchrun", "dist"):
+        assert "rank 0/1 on cpu, process group gloo" in runs[name][1], f"{name}:\n{runs[name][1][-4000:]}"
         assert DDP_LINE in runs[name][1], f"{name}:\n{runs[name][1][-4000:]}"
+    assert "rank 0/1 on cpu, process group none" in runs["plain"][1], runs["plain"][1][-4000:]
     assert "DDP wrapper" not in runs["plain"][1], runs["plain"][1][-4000:]
 
 
