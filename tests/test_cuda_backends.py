@@ -71,6 +71,11 @@ def test_tf32_default_leaves_pytorch_settings_on_off_set_both(backends) -> None:
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     prepare_for_inference(nn.Module(), CUDA, _args("evaluate", "--tf32", "off"))
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    # Both APIs stay readable (inductor reads the legacy cuDNN flag and the newer matmul one);
+    # setting through the newer API instead would make the legacy reads raise on torch 2.14.
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        prepare_for_training(nn.Module(), CUDA, _args("phase1", "--tf32", "on"))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32 is True
 
 
 def test_new_flags_in_every_script_with_the_originals_behaviour_as_default() -> None:
