@@ -337,8 +337,6 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON result
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.device == "cuda":  # our steps turn cuDNN autotuning on (prepare_for_training): the same for every step
-        torch.backends.cudnn.benchmark = True
     if a.child is not None:
         phase, name, crop = json.loads(a.child)
         print("RESULT " + json.dumps(measure(phase, name, tuple(crop), a)))

@@ -204,8 +204,9 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(folder)
-    LOG.info("%s: rank %d/%d on %s, amp=%s (training), inference_amp=%s", name, env.rank, env.world_size,
-             env.device, getattr(args, "amp", "off"), getattr(args, "inference_amp", "off"))
+    group = torch.distributed.get_backend() if env.group else "none"
+    LOG.info("%s: rank %d/%d on %s, process group %s, amp=%s (training), inference_amp=%s", name, env.rank,
+             env.world_size, env.device, group, getattr(args, "amp", "off"), getattr(args, "inference_amp", "off"))
     for path in stale:
         LOG.info("removed stale temporary file %s", path)
     return writer

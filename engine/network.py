@@ -1,8 +1,9 @@
 """Building the network for a run: weights from ``--resume`` or ImageNet, device, SyncBatchNorm,
-``--compile``, the DDP wrapper."""
+``--compile``, the DDP wrapper, the CUDA backend switches (``--cudnn_benchmark``, ``--tf32``)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -63,11 +64,61 @@ def compile_network(net: DecoupleNet, backend: str = "inductor") -> list[str]:
     return names
 
 
+def use_channels_last(args: Any, device: torch.device) -> bool:
+    """Whether ``--channels_last`` applies on ``device``: CUDA only (network and input images)."""
+    return bool(getattr(args, "channels_last", False)) and device.type == "cuda"
+
+
+def backend_settings(args: Any) -> dict[str, bool | None]:
+    """The CUDA backend flags a run sets (``None``: left as PyTorch has it, which is the original's).
+
+    * ``cudnn_benchmark``: ``True`` with ``--cudnn_benchmark``; otherwise untouched (PyTorch's
+      default, off: the original's line ``cudnn.benchmark = True`` is commented out).
+    * ``cudnn_tf32`` / ``matmul_tf32``: ``--tf32 on`` allows TensorFloat-32 in both, ``off`` in
+      neither; ``default`` leaves PyTorch's choice (convolutions TF32, matmuls float32).
+    """
+    tf32 = getattr(args, "tf32", "default")
+    allow = {"on": True, "off": False}.get(tf32)
+    return {"cudnn_benchmark": True if getattr(args, "cudnn_benchmark", False) else None,
+            "cudnn_tf32": allow, "matmul_tf32": allow}
+
+
+def _describe_backends() -> str:
+    # Reading the legacy flags raises when other code set them through the newer fp32_precision API.
+    with contextlib.suppress(RuntimeError):
+        return (f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 convolutions "
+                f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}, TF32 matmuls "
+                f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
+    return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 set by other code"
+
+
+def configure_backends(args: Any, device: torch.device) -> str | None:
+    """Apply :func:`backend_settings` on a CUDA ``device`` (process-wide flags); a no-op on the CPU.
+
+    The legacy ``allow_tf32`` switches are used on every torch version: on torch 2.14 they give no
+    deprecation warning, they exist on the oldest supported torch, and mixing them with the newer
+    ``fp32_precision`` API makes later reads raise (inductor's convolution templates still read
+    ``torch.backends.cudnn.allow_tf32``). Returns the resulting settings in words (``None`` on the CPU).
+    """
+    if device.type != "cuda":
+        return None
+    wanted = backend_settings(args)
+    if wanted["cudnn_benchmark"] is not None:
+        torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
+    if wanted["cudnn_tf32"] is not None:
+        torch.backends.cudnn.allow_tf32 = wanted["cudnn_tf32"]
+    if wanted["matmul_tf32"] is not None:
+        torch.backends.cuda.matmul.allow_tf32 = wanted["matmul_tf32"]
+    return _describe_backends()
+
+
 def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
                          find_unused_parameters: bool = False) -> nn.Module:
-    """Move to the device, SyncBatchNorm + one DDP wrapper under CUDA DDP, channels_last,
-    ``--compile``, ``--activation_checkpointing``; on CUDA also cuDNN autotuning (training crops
-    have one fixed size).
+    """Move to the device; on CUDA the backend switches (:func:`configure_backends`: cuDNN
+    autotuning only with ``--cudnn_benchmark``, as the original leaves it off), channels_last and,
+    with a process group, SyncBatchNorm; ``--activation_checkpointing``, ``--compile``; one DDP
+    wrapper whenever a process group exists (also for a single rank under ``torchrun`` or
+    ``--dist``, so those runs take the DDP and collective paths of a multi-rank run).
 
     ``find_unused_parameters``: the iteration's last pass (the one whose backward DDP all-reduces,
     see :meth:`engine.trainer.Trainer.accumulate_gradients`) does not reach every parameter; DDP then finds the
@@ -75,11 +126,13 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
     passes.
     """
     module = module.to(env.device)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.channels_last and env.device.type == "cuda":
+    described = configure_backends(args, env.device)
+    if described:
+        LOG.info("CUDA backends: %s", described)
+    if use_channels_last(args, env.device):
         module = module.to(memory_format=torch.channels_last)
-    if env.world_size > 1 and env.device.type == "cuda" and not args.freeze_bn:
+    # One rank's SyncBatchNorm falls back to plain batch norm: the same numbers, the original's module.
+    if env.group and env.device.type == "cuda" and not args.freeze_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     nets = [m for m in module.modules() if isinstance(m, DecoupleNet)]
     if getattr(args, "activation_checkpointing", False):
@@ -87,14 +140,38 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
             LOG.info("activation checkpointing: %s", ", ".join(net.set_activation_checkpointing(True)))
     if getattr(args, "compile", False):
         for net in nets:
-            LOG.info("torch.compile: %s", ", ".join(compile_network(net)))
-    if env.world_size > 1:
+            LOG.info("torch.compile: %s", ", ".join(compile_network(net, compile_backend(args))))
+    if env.group:
         ids = [env.device.index] if env.device.type == "cuda" else None
         with warnings.catch_warnings():  # its replacement would sync buffers at init; we keep them per rank
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
                                                          find_unused_parameters=find_unused_parameters)
+        LOG.info("DDP wrapper over %d rank(s), %s backend", env.world_size, torch.distributed.get_backend())
     return module
+
+
+def prepare_for_inference(net: DecoupleNet, env: du.DistEnv, args: Any) -> DecoupleNet:
+    """The network of ``evaluate.py`` and ``generate_soft_label.py``: on the device in eval mode,
+    the CUDA backend switches (:func:`configure_backends`), channels_last weights with
+    ``--channels_last`` on CUDA (the input images follow, :func:`use_channels_last`, so no
+    convolution converts layouts) and ``--compile`` (:func:`compile_network`, in place)."""
+    net = net.to(env.device).eval()
+    described = configure_backends(args, env.device)
+    if described:
+        LOG.info("CUDA backends: %s", described)
+    if use_channels_last(args, env.device):
+        net = net.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        LOG.info("torch.compile (inference; the first batches include the compilation): %s",
+                 ", ".join(compile_network(net, compile_backend(args))))
+    return net
+
+
+def compile_backend(args: Any) -> str:
+    """The ``torch.compile`` backend: inductor; benchmarks and tests may set ``args.compile_backend``
+    (e.g. ``"eager"``, dynamo's capture without code generation, quick on the CPU)."""
+    return str(getattr(args, "compile_backend", None) or "inductor")
 
 
 def unwrap(module: nn.Module) -> nn.Module:

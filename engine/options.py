@@ -84,9 +84,24 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         "off = float32, as the original. fp16/bf16 are faster but change the logits, "
                         "hence the soft labels, the thresholds made from them, the validation mIoU and "
                         "which checkpoint is kept as the best")
-    g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
+    g.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format of the network and its input images on CUDA "
+                        "(training and inference)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the stems, body and head (in place; checkpoints unchanged)")
+                   help="torch.compile the stems, body and head (in place; checkpoints unchanged), for "
+                        "training and for evaluate.py / generate_soft_label.py; the first batches include "
+                        "the compilation")
+    g.add_argument("--cudnn_benchmark", action="store_true",
+                   help="CUDA: cuDNN autotuning (torch.backends.cudnn.benchmark): time the convolution "
+                        "algorithms for each new input shape and keep the fastest. Off = cuDNN's default "
+                        "choice, as the original (its line is commented out). Often faster for the fixed "
+                        "training crop; the chosen algorithms may change the last bits of the results")
+    g.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="CUDA, Ampere and newer: TensorFloat-32 for float32 convolutions and matmuls. "
+                        "default = PyTorch's settings untouched (convolutions in TF32, matmuls in full "
+                        "float32: what the original gets); on = both in TF32; off = both in full float32 "
+                        "(slower). Acts on float32 work only: --amp off, --inference_amp off, and the "
+                        "float32 parts of autocast")
     if stage in ("phase1", "phase2", "source_only"):
         g.add_argument("--activation_checkpointing", action="store_true",
                        help="recompute the activations of layer2..layer4 in the backward instead of keeping "

@@ -15,6 +15,7 @@ from datasets.build import shard_loader, target_val_dataset
 from datasets.labels import colorize
 from datasets.loader import to_device_image, to_device_label, workers_per_rank
 from engine.common import per_rank, progress
+from engine.network import use_channels_last
 from engine.optim import inference_autocast
 from model import DecoupleNet
 from utils import distributed as du
@@ -40,7 +41,7 @@ def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: An
     union = torch.zeros_like(inter)
     sample: dict = {}
     for batch in progress(loader, desc=desc, env=env, quiet=args.quiet):
-        img = to_device_image(batch["img"], env.device, args.channels_last and env.device.type == "cuda")
+        img = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
         label = to_device_label(batch["label"], env.device)
         prob = None
         for s in scales:

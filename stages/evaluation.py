@@ -13,7 +13,7 @@ from datasets.cityscapes import CityscapesDataset
 from datasets.labels import class_names, colorize, decode_train_ids
 from datasets.loader import workers_per_rank
 from engine.common import LOG, RunError, per_rank
-from engine.network import build_network
+from engine.network import build_network, prepare_for_inference
 from engine.validation import compute_miou, sample_figure
 from utils import distributed as du
 from utils.checkpoint import atomic_write
@@ -33,7 +33,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
                                 num_classes=args.num_classes)
     loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
                           workers_per_rank(args, env))
-    net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
+    net = prepare_for_inference(build_network(args, decoupled=False, aux=False), env, args)
     save_dir = args.save_dir
     if save_dir:
         for sub in ("trainid", "labelid", "color", "side_by_side"):

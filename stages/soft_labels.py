@@ -14,7 +14,7 @@ from datasets.cityscapes import soft_label_name
 from datasets.labels import class_names
 from datasets.loader import to_device_image, to_device_label, workers_per_rank
 from engine.common import LOG, RunError, per_rank, progress
-from engine.network import build_network
+from engine.network import build_network, prepare_for_inference, use_channels_last
 from engine.optim import inference_autocast
 from model import upsample
 from stages.pseudo_quality import all_ranks_agree
@@ -60,7 +60,7 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
         dataset.files = [p for p in dataset.files
                          if not os.path.isfile(os.path.join(args.output_folder, soft_label_name(p)))]
         LOG.info("--skip_existing: %d of %d soft labels already there", total - len(dataset.files), total)
-    net = build_network(args, decoupled=False, aux=False).to(env.device).eval()
+    net = prepare_for_inference(build_network(args, decoupled=False, aux=False), env, args)
     with_gt = all_ranks_agree(dataset.has_labels, env)
     if with_gt:
         LOG.info("soft-label mIoU: the train ground truth is read only to measure the soft labels; they do not "
@@ -79,7 +79,7 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                               workers_per_rank(args, env))
         with torch.no_grad():
             for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):
-                x = to_device_image(batch["img"], env.device)
+                x = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
                 with inference_autocast(args, env.device):
                     logits = net(x)
                 if with_gt:

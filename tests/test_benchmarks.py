@@ -4,7 +4,9 @@ the original rule's and says so in its output."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from tests.conftest import run_script
 
@@ -36,9 +38,9 @@ def test_data_benchmark() -> None:
 def test_step_benchmark() -> None:
     proc = run_script(["benchmarks/bench_step.py", "--device", "cpu", "--crop", "64,32", "--iters", "1",
                        "--warmup", "0", "--rounds", "1", "--baseline"])
-    for row in ("phase1 ours", "phase1 straightforward", "phase2 ours"):
-        assert re.search(re.escape(row) + r"\s+[\d.]+\s+\d+", proc.stdout), proc.stdout
-    assert "phase1: straightforward / ours =" in proc.stdout
+    for row in ("phase1 ours", "phase1 straightforward", "phase2 ours"):  # step, config, first s, s/iter, peak
+        assert re.search(re.escape(row) + r"\s+off\s+[\d.]+\s+[\d.]+\s+\d+", proc.stdout), proc.stdout
+    assert "phase1 off: straightforward / ours =" in proc.stdout
 
 
 def test_data_benchmark_floor_computes_our_samples(tmp_path) -> None:
@@ -77,3 +79,121 @@ def test_memory_benchmark() -> None:
     for row in ("original", "ours", "ours --activation_checkpointing"):
         rows = re.findall(rf"^{re.escape(row)}\s+-\s+\d+\s+\d+\s+[\d.]+x\s+nan\s+(\w+)$", proc.stdout, re.MULTILINE)
         assert rows == ["yes", "yes"], proc.stdout
+
+
+def test_step_benchmark_frees_each_candidate_before_the_next(monkeypatch) -> None:
+    """bench_step.py builds, measures and frees one candidate at a time: once measured and
+    released, nothing keeps its network alive, so the next candidate's peak memory is its own."""
+    import argparse
+    import weakref
+
+    import torch
+
+    from benchmarks import bench_step
+
+    nets: list[weakref.ref] = []
+    real = bench_step.phase1_ours
+
+    def spy(args, env):
+        step, stage = real(args, env)
+        nets.append(weakref.ref(stage.net))
+        return step, stage
+
+    monkeypatch.setattr(bench_step, "phase1_ours", spy)
+    a = argparse.Namespace(batch=1, iters=1, warmup=1, flops=False, compile_backend="inductor")
+    result = bench_step.measure("phase1 ours", "off+cudnn_benchmark", a, (64, 32), torch.device("cpu"))
+    assert result["sec"] > 0 and result["first"] > 0
+    bench_step.release(torch.device("cpu"))
+    assert len(nets) == 1 and nets[0]() is None, "the measured candidate is still alive"
+
+
+# ---------------------------------------------------------------------------- the GPU scripts
+GPU_SCRIPTS = {"benchmarks/gpu_check.sh": 360, "benchmarks/gpu_ddp_check.sh": 180}  # one command each, seconds
+
+
+def _logical_lines(text: str) -> list[str]:
+    """The script's lines with backslash continuations joined, comments dropped."""
+    return [ln for ln in re.sub(r"\\\n\s*", " ", text).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_gpu_scripts_fit_their_budgets() -> None:
+    """Each GPU script is one command: the limits of its commands add up to its budget (6 and 3
+    minutes), every Python command runs under a limit, and nothing else calls ``timeout``."""
+    from tests.helpers import REPO
+
+    for script, budget in GPU_SCRIPTS.items():
+        text = (Path(REPO) / script).read_text(encoding="utf-8")
+        declared = re.search(r"^# BUDGET_S=(\d+)$", text, re.MULTILINE)
+        assert declared and int(declared.group(1)) == budget, f"{script}: BUDGET_S {declared and declared.group(1)}"
+        lines = _logical_lines(text)
+        limits = [int(v) for ln in lines for v in re.findall(r"\blimit (\d+) ", ln)]
+        assert limits and sum(limits) <= budget, f"{script}: limits {limits} add up to {sum(limits)} > {budget} s"
+        for ln in lines:
+            if "$PY " in ln:
+                assert re.search(r"\blimit \d+ (env \S+ )?\$PY ", ln), f"{script}: unbounded: {ln.strip()}"
+            if re.search(r"(?<![-\w])timeout\b", ln):
+                assert ln.strip() == 'timeout "$seconds" "$@"', f"{script}: timeout outside limit(): {ln.strip()}"
+            budget_flag = re.search(r"--budget \$\(\((\d+) \* SCALE\)\)", ln)
+            if budget_flag:  # the check's own budget ends before its limit, so its summary is printed
+                assert int(budget_flag.group(1)) < int(re.search(r"\blimit (\d+) ", ln).group(1))
+        assert 'timeout "$seconds" "$@"' in text
+
+
+def _run_tiny(script: str, out: Path) -> str:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    env = dict(os.environ, GPU_CHECK_TINY="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", script, str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    for bad in ("(stopped at its", "(exit ", "FAILED", "Traceback"):
+        assert bad not in proc.stdout, proc.stdout[-8000:]
+    return proc.stdout
+
+
+def test_gpu_check_runs_every_command_at_tiny_sizes(tmp_path) -> None:
+    """``GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh OUT``: every command of the GPU check with
+    all its options, at tiny sizes on the CPU; each figure printed and saved in OUT."""
+    import json
+
+    out = tmp_path / "figures"
+    stdout = _run_tiny("benchmarks/gpu_check.sh", out)
+    assert (out / "gpu_check.txt").read_text(encoding="utf-8") == stdout
+    assert float((out / "peak_tflops.txt").read_text()) > 0 and "measured bf16 matmul peak" in stdout
+    rows = [json.loads(line) for line in (out / "bench_step.jsonl").read_text().splitlines()]
+    measured = {(r["step"], r["config"]) for r in rows}
+    # the grid (fp16 is bf16 on the CPU), the TF32 trio, the compile run: each step printed as measured
+    want = {(f"phase{p} ours", c) for p in (1, 2) for c in ("bf16", "bf16+channels_last", "bf16+cudnn_benchmark")}
+    want |= {("phase1 ours", c) for c in ("off", "off+tf32_on", "off+tf32_off", "bf16+channels_last+compile")}
+    assert measured == want, measured ^ want
+    for step, config in want:
+        assert re.search(rf"^{re.escape(step)}\s+{re.escape(config)}\s+[\d.]+\s+[\d.]+\s+\d+", stdout, re.MULTILINE)
+    assert all(r["flops"] > 0 for r in rows if "tf32" not in r["config"] and r["config"] not in ("off",)
+               and "compile" not in r["config"])
+    compiled = [r for r in rows if "compile" in r["config"]]
+    assert compiled[0]["compile_s"] is not None and "compile time" in stdout
+    assert "thresholds identical after every update: yes" in stdout
+    for phase in ("1", "2"):
+        assert f"phase{phase}: ours / original =" in stdout
+    assert "gpu_check done in" in stdout
+
+
+def test_gpu_ddp_check_runs_at_tiny_sizes(tmp_path) -> None:
+    """``GPU_CHECK_TINY=1 bash benchmarks/gpu_ddp_check.sh OUT``: under ``torchrun
+    --nproc_per_node 1`` (gloo) phase 1, the soft labels and thresholds, phase 2 and the
+    kill-and-restart scenario, each saying that the process group and DDP ran."""
+    stdout = _run_tiny("benchmarks/gpu_ddp_check.sh", tmp_path / "report")
+    assert (tmp_path / "report" / "gpu_ddp_check.txt").read_text(encoding="utf-8") == stdout
+    assert "torchrun with 1 rank(s), gloo" in stdout
+    for run in ("phase 1, 4 iterations, torchrun", "phase 2, 2 iterations, torchrun",
+                "phase 1, rank 0 SIGKILLed at iteration 3, torchrun restart"):
+        assert re.search(rf"{re.escape(run)}: exit 0, \d+s; process group gloo, DDP wrapper over 1 rank\(s\)", stdout), \
+            stdout
+    assert re.search(r"generate_soft_label.py, torchrun: exit 0, \d+s; process group gloo", stdout)
+    assert "all-reduced file count: 4 of 4; soft-label mIoU (all-reduced): logged" in stdout
+    assert "restarted from iteration 2: yes" in stdout
+    assert stdout.count("against the uninterrupted run: bit-identical") == 2
+    assert "== DDP check: passed" in stdout

@@ -40,6 +40,10 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: bool = False  # a process group exists (torchrun or --dist, even with one rank): DDP and collectives run
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.world_size > 1  # several ranks always share a group
 
     @property
     def is_main(self) -> bool:
@@ -250,26 +254,34 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     """Initialise the process group for this process and pick its device.
 
     NCCL on CUDA, gloo on the CPU. ``spawn_rank`` is -1 for torchrun or single-process runs.
+    Under ``torchrun`` and with ``--dist`` a process group is created whatever the number of
+    ranks: a one-GPU ``--dist`` run (one process, as the original's ``mp.spawn`` of one rank) or
+    ``torchrun --nproc_per_node 1`` runs the DDP wrapper and every collective, as the original
+    always does. A plain single process (neither) has no process group.
     """
     use_cuda = torch.cuda.is_available() and not args.cpu
     if under_torchrun():
         rank = int(os.environ["RANK"])
         world = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
-        init_method = "env://"
+        init_method: str | None = "env://"
     elif spawn_rank >= 0:
         rank, world, local = spawn_rank, len(args.gpus), spawn_rank
         init_method = args.dist_url
+    elif getattr(args, "dist", False):  # --dist with one entry in --gpus: this process is the one rank
+        rank, world, local = 0, 1, 0
+        init_method = f"tcp://127.0.0.1:{find_free_port()}"
     else:
         rank, world, local = 0, 1, 0
         init_method = None
     if use_cuda:
-        gpu = args.gpus[local] if spawn_rank >= 0 or init_method is None else local
+        # torchrun: LOCAL_RANK indexes the visible devices; spawned or single: the --gpus entry
+        gpu = local if init_method == "env://" else args.gpus[local]
         device = torch.device("cuda", gpu)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if init_method is not None:
         timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S))
         backend = "nccl" if use_cuda else "gloo"
         if init_method == "env://":
@@ -278,7 +290,7 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
         else:
             dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank,
                                     timeout=timeout)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, group=init_method is not None)
 
 
 def cleanup() -> None:
@@ -317,11 +329,12 @@ def barrier() -> None:
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` as a list on rank 0 (``None`` on the others); ``[obj]`` in one process.
+    """Every rank's ``obj`` as a list on rank 0 (``None`` on the others); ``[obj]`` without a
+    process group. With a group of one rank it still goes through ``gather_object``.
 
     Objects travel pickled; keep their tensors on the CPU.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized():
         out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
