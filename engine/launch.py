@@ -184,7 +184,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
         except OSError as exc:
             raise RunError(f"--snapshot-dir {folder}: not writable ({exc.strerror})") from None
         stale = remove_stale_temp_files(folder)  # left by a run killed while writing a file
-    du.barrier()
+    du.barrier(env.device)
     LOG.handlers.clear()
     LOG.propagate = False
     LOG.setLevel(logging.INFO if env.is_main else logging.WARNING)

@@ -173,7 +173,8 @@ class Trainer:
         thresholds) is taken from rank 0; what each rank keeps for itself (:func:`local_state`)
         is gathered from every rank into ``ranks``. ``stage_state`` and ``rng`` repeat rank 0's.
         """
-        ranks = du.gather_to_main(local_state(self.stage_modules(), self.stage.extra_state(), self.env.rank))
+        ranks = du.gather_to_main(local_state(self.stage_modules(), self.stage.extra_state(), self.env.rank,
+                                              self.env.device), self.env.device)
         if ranks is None:
             return None
         s = self.stage
@@ -332,7 +333,7 @@ class Trainer:
         sums = self.accumulate_gradients(it, batches)
         names = sorted(sums)
         values = torch.stack([sums[k] for k in names])
-        du.all_reduce_sum(values)
+        du.all_reduce_sum(values, self.env.device)
         values = (values / self.env.world_size).cpu()
         self.check_finite(values, names, it)
         for opt, _ in stage.optimizers.values():
@@ -397,7 +398,7 @@ class Trainer:
             else:
                 self.save_checkpoints(it)
         bar.close()
-        du.barrier()
+        du.barrier(self.env.device)
         if self.writer is not None:
             self.writer.close()
 

@@ -198,7 +198,7 @@ class Phase1Stage(Stage):
         """
         conf, pred = F.softmax(logits.float(), 1).max(1)
         thresholds = self.tracker.update(conf, pred).clone()
-        du.all_reduce_mean(thresholds)
+        du.all_reduce_mean(thresholds, self.env.device)
         self.tracker.thresholds = thresholds
         keep = conf >= thresholds[pred]
         labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
