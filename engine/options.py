@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import torch
 
@@ -39,6 +40,12 @@ IGNORED_FLAGS = ["--random-mirror", "--random-scale", "--is-training", "--not-re
 
 class OptionError(ValueError):
     """A command-line value is wrong; the message names the flag."""
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """``(2, 14)`` for ``"2.14.1+cu130"``; ``(0, 0)`` when unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _size(text: str, flag: str) -> tuple[int, int]:

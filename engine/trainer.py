@@ -209,10 +209,10 @@ class Trainer:
             for k, (opt, _) in s.optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
             approximated = restore_local_state(state, s, self.stage_modules(), self.env)
+            self.restore_scaler(state.get("scaler") or {}, path)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this network/options ({first})") from None
-        self.scaler.load_state_dict(state["scaler"])
         self.start_iter = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         self.best_path = state["best_path"] or None
@@ -220,6 +220,19 @@ class Trainer:
             LOG.warning("%s: %s", path, approximated)
         LOG.info("resumed from %s at iteration %d (best mIoU so far %.4f)", path, self.start_iter,
                  self.best_miou)
+
+    def restore_scaler(self, saved: dict, path: str) -> None:
+        """The grad scaler's state, across ``--amp`` modes: a state written with ``--amp off`` /
+        ``bf16`` or ``--cpu`` holds an empty scaler (a disabled ``GradScaler`` saves ``{}``, which an
+        enabled one refuses to load), so an fp16 run resumed from it starts the loss scale afresh;
+        an fp16 state resumed without fp16 has no use for it. Either way one line says so."""
+        if saved and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
+        elif self.scaler.is_enabled():
+            LOG.info("%s: no grad-scaler state (written without --amp fp16); the fp16 loss scale starts at %g",
+                     path, self.scaler.get_scale())
+        elif saved:
+            LOG.info("%s: its fp16 grad-scaler state is not used with --amp %s", path, self.args.amp)
 
     @staticmethod
     def save_file(obj: Any, path: str) -> None:
