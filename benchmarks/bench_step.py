@@ -8,6 +8,7 @@ banks in Python lists with a full sort). Prints a table.
 
     python benchmarks/bench_step.py --device cpu --crop 128,64 --batch 1 --iters 3 --baseline
     python benchmarks/bench_step.py --device cuda --crop 896,512 --batch 2 --amp bf16 --channels_last --flops
+    python benchmarks/bench_step.py --device cuda --crop 896,512 --batch 2 --amp fp16 --fused_optimizers off
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from model import upsample
 from utils.distributed import DistEnv
 
 
-def make_args(device: str, crop: tuple[int, int], batch: int, amp: str, channels_last: bool, compile_: bool):
+def make_args(device: str, crop: tuple[int, int], batch: int, amp: str, channels_last: bool, compile_: bool,
+              fused: str = "auto"):
     argv = ["--rcrop", f"{crop[0]},{crop[1]}", "--batch-size", str(batch), "--amp", amp, "--resume", "",
-            "--num-steps", "1000", "--num-steps-stop", "1000", "--quiet"]
+            "--num-steps", "1000", "--num-steps-stop", "1000", "--quiet", "--fused_optimizers", fused]
     if device == "cpu":
         argv.append("--cpu")
     if channels_last:
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
     ap.add_argument("--channels_last", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fused_optimizers", default="auto", choices=["auto", "on", "off"],
+                    help="our steps' optimizer kernels, as the training flag (auto: fused on CUDA only)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward original-style step")
@@ -257,7 +261,7 @@ def main() -> None:
     env = DistEnv(device=device)
     torch.manual_seed(0)
     if a.only is not None:
-        args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
+        args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile, a.fused_optimizers)
         _, sec, mem, flops = measure(a.only, build_step(a.only, args, env), a, device)
         print("RESULT " + json.dumps({"sec": sec, "mem": mem, "flops": flops}))
         return
@@ -275,12 +279,12 @@ def main() -> None:
                 secs = sorted(x[0] for x in results[n])
                 rows.append((n, secs[len(secs) // 2], max(x[1] for x in results[n]), results[n][0][2]))
         else:
-            args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile)
+            args = make_args(a.device, crop, a.batch, a.amp, a.channels_last, a.compile, a.fused_optimizers)
             candidates = [(n, build_step(n, args, env)) for n in names]
             for name, fn in candidates:
                 rows.append(measure(name, fn, a, device))
     print(f"device={device} crop={crop[0]}x{crop[1]} batch={a.batch} amp={a.amp} channels_last={a.channels_last} "
-          f"compile={a.compile} torch={torch.__version__} threads={torch.get_num_threads()}")
+          f"compile={a.compile} fused_optimizers={a.fused_optimizers} torch={torch.__version__} threads={torch.get_num_threads()}")
     mem_name = "peak RSS MB" if device.type == "cpu" else "peak MB"
     print(f"{'step':26s} {'s/iter':>9s} {mem_name:>11s} {'TFLOP/iter':>11s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for name, sec, mem, flops in rows:

@@ -22,7 +22,7 @@ from datasets.build import source_train_dataset, target_train_dataset
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.optim import autocast
+from engine.optim import autocast, optimizer_kernels
 from engine.trainer import PassObjective, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import load_group_state
@@ -172,7 +172,7 @@ class Phase1Stage(Stage):
         self.d1, self.d2 = inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
 
-        adam = {"foreach": True} if env.device.type == "cuda" else {}
+        adam = optimizer_kernels(args, env.device)
         self.optimizers.update({
             "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
