@@ -198,7 +198,7 @@ def count_flops(step) -> float:
 
 
 SAVER = " + checkpointing"  # candidate name suffix: the step with --activation_checkpointing
-MODIFIERS = ("channels_last", "cudnn_benchmark", "tf32_on", "tf32_off", "compile")
+MODIFIERS = ("channels_last", "cudnn_benchmark", "tf32_on", "tf32_off", "compile", "fused_on", "fused_off")
 
 
 def candidate_names(phase: str, baseline: bool, saver: bool = False) -> list[str]:
@@ -215,7 +215,7 @@ def parse_config(text: str) -> dict:
     if amp not in ("off", "fp16", "bf16"):
         raise SystemExit(f"error: --configs {text!r}: precision must be off, fp16 or bf16, got {amp!r}")
     bad = [m for m in mods if m not in MODIFIERS]
-    if bad or ("tf32_on" in mods and "tf32_off" in mods):
+    if bad or ("tf32_on" in mods and "tf32_off" in mods) or ("fused_on" in mods and "fused_off" in mods):
         raise SystemExit(f"error: --configs {text!r}: unknown or conflicting modifier(s) {bad or mods}; "
                          f"choose from {', '.join(MODIFIERS)}")
     return {"amp": amp, "mods": set(mods)}
@@ -230,7 +230,8 @@ def make_args(device: str, crop: tuple[int, int], batch: int, config: str, compi
         argv.append("--cpu")
     for mod, flags in (("channels_last", ["--channels_last"]), ("compile", ["--compile"]),
                        ("cudnn_benchmark", ["--cudnn_benchmark"]), ("tf32_on", ["--tf32", "on"]),
-                       ("tf32_off", ["--tf32", "off"])):
+                       ("tf32_off", ["--tf32", "off"]), ("fused_on", ["--fused_optimizers", "on"]),
+                       ("fused_off", ["--fused_optimizers", "off"])):
         if mod in c["mods"]:
             argv += flags
     args = finalize(build_parser("phase1", "bench").parse_args(argv), "phase1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from engine.options import OptionError
+from engine.options import OptionError, major_minor
 from utils import distributed as du
 
 LOG = logging.getLogger("decouplenet")
@@ -18,6 +18,26 @@ class NonFiniteLossError(RuntimeError):
 
 class RunError(RuntimeError):
     """A problem with the run's set-up (folders, files); the message names it."""
+
+
+# The oldest releases the code runs on: torch.amp.GradScaler(device) (fp16 training and the
+# scaler of every run) arrived in torch 2.3, nn.Module.compile in 2.2; torchvision 0.18 is the
+# release built for torch 2.3 (requirements.txt, README "Install and test").
+MIN_TORCH = (2, 3)
+MIN_TORCHVISION = (0, 18)
+
+
+def check_versions() -> None:
+    """Raise :class:`RunError` (one line) when torch or torchvision is older than the code needs."""
+    import torch
+    import torchvision
+
+    for name, version, need in (("torch", torch.__version__, MIN_TORCH),
+                                ("torchvision", torchvision.__version__, MIN_TORCHVISION)):
+        if major_minor(version) < need:
+            raise RunError(f"{name} {version} is too old: this code needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+                           f"and torchvision >= {MIN_TORCHVISION[0]}.{MIN_TORCHVISION[1]} "
+                           f"(pip install -r requirements.txt)")
 
 
 def per_rank(total: int, env: du.DistEnv, flag: str) -> int:

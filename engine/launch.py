@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from datasets.errors import DatasetError
-from engine.common import LOG, NonFiniteLossError, RunError
+from engine.common import LOG, NonFiniteLossError, RunError, check_versions
 from engine.options import OptionError
 from engine.state import resolve_resume_from
 from utils import distributed as du
@@ -69,11 +69,13 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     Returns the process exit code: 0; 2 for a user error; 1 when a rank died or lost its peers
     (the line names the rank, the signal and the command that continues the run). No traceback
     unless ``--debug``.
-    Files named on the command line that every rank needs (``--resume``) are checked first, before
+    The versions of torch and torchvision (:func:`engine.common.check_versions`) and the files
+    named on the command line that every rank needs (``--resume``) are checked first, before
     anything is written.
     """
     debug = getattr(args, "debug", False)
     try:
+        check_versions()
         check_start_files(args)
         du.launch(worker, args)
     except USER_ERRORS as exc:
@@ -184,7 +186,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
         except OSError as exc:
             raise RunError(f"--snapshot-dir {folder}: not writable ({exc.strerror})") from None
         stale = remove_stale_temp_files(folder)  # left by a run killed while writing a file
-    du.barrier()
+    du.barrier(env.device)
     LOG.handlers.clear()
     LOG.propagate = False
     LOG.setLevel(logging.INFO if env.is_main else logging.WARNING)

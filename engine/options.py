@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import torch
 
@@ -39,6 +40,12 @@ IGNORED_FLAGS = ["--random-mirror", "--random-scale", "--is-training", "--not-re
 
 class OptionError(ValueError):
     """A command-line value is wrong; the message names the flag."""
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """``(2, 14)`` for ``"2.14.1+cu130"``; ``(0, 0)`` when unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _size(text: str, flag: str) -> tuple[int, int]:
@@ -106,6 +113,14 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--activation_checkpointing", action="store_true",
                        help="recompute the activations of layer2..layer4 in the backward instead of keeping "
                             "them: much less GPU memory for about one more forward of the body; same updates")
+        g.add_argument("--fused_optimizers", choices=["auto", "on", "off"], default="auto",
+                       help="fused optimizer kernels (SGD, Adam): auto = on CUDA only, where they spare the fp16 "
+                            "grad scaler one host sync per optimizer and iteration; off = PyTorch's default "
+                            "kernels; on = also on the CPU (torch >= 2.4)")
+        g.add_argument("--max_skipped_steps", type=int, default=100,
+                       help="--amp fp16: stop after this many consecutive iterations whose optimizer steps the "
+                            "grad scaler skipped (non-finite gradients; it halves the loss scale at each); "
+                            "0 never stops")
     g = p.add_argument_group("data")
     g.add_argument("--src_dataset", default="gta5", choices=["gta5", "synthia"])
     g.add_argument("--tgt_dataset", default="cityscapes_train", choices=["cityscapes_train"],
@@ -239,6 +254,12 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         args.save_latest_every = args.save_pred_every
     if args.save_latest_every <= 0:
         raise OptionError(f"--save_latest_every: must be positive, got {args.save_latest_every}")
+    if getattr(args, "max_skipped_steps", 0) < 0:
+        raise OptionError(f"--max_skipped_steps: must be >= 0 (0: never stop), got {args.max_skipped_steps}")
+    if getattr(args, "fused_optimizers", "auto") == "on" and (args.cpu or not torch.cuda.is_available()) \
+            and major_minor(torch.__version__) < (2, 4):
+        raise OptionError(f"--fused_optimizers on: the CPU's fused kernels need torch >= 2.4, this is "
+                          f"{torch.__version__}; use auto or off")
     if args.num_classes not in (19, 16, 13):
         raise OptionError(f"--num-classes: must be 19, 16 or 13, got {args.num_classes}")
     if getattr(args, "activation_checkpointing", False) and args.compile:

@@ -3,7 +3,6 @@ resume from. The :class:`engine.trainer.Trainer` writes and restores it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from typing import Any
@@ -12,28 +11,49 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine.common import RunError
+from engine.common import LOG, RunError
 from utils import distributed as du
 
 LATEST = "latest.pth"
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's random generators. ``cuda``: the state of the rank's own GPU (``device``)
+    only, ``None`` off CUDA: a state of every visible GPU would not fit a node with fewer."""
     np_state = np.random.get_state()
+    own_gpu = device is not None and device.type == "cuda" and torch.cuda.is_available()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if own_gpu else None,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])],
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def _restore_cuda_rng(saved: Any, device: torch.device) -> None:
+    """Set the rank's own GPU's generator from ``saved``: one state (ours) or, in states written
+    before, the list of every visible GPU's state, of which the entry of ``device``'s index is
+    taken. Without a usable entry (saved on the CPU, or on a node with fewer GPUs) the rank keeps
+    its fresh seed and says so in one line."""
+    if isinstance(saved, (list, tuple)):  # torch.cuda.get_rng_state_all() of the saving rank
+        index = 0 if device.index is None else device.index
+        saved = saved[index] if index < len(saved) else None
+    if not isinstance(saved, Tensor):
+        LOG.warning("the training state holds no CUDA random state for %s; it keeps this run's seed", device)
+        return
+    try:
+        torch.cuda.set_rng_state(saved, device)
+    except RuntimeError as exc:  # a state of another generator layout
+        LOG.warning("CUDA random state for %s not restored (%s); it keeps this run's seed", device,
+                    (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`; the CUDA generator only of the rank's own GPU (``device``)."""
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        _restore_cuda_rng(state.get("cuda"), device)
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     py = state["python"]
@@ -54,10 +74,12 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def local_state(modules: dict[str, nn.Module], stage_state: dict, rank: int) -> dict:
+def local_state(modules: dict[str, nn.Module], stage_state: dict, rank: int,
+                device: torch.device | None = None) -> dict:
     """What this rank keeps for itself and DDP does not synchronise, on the CPU.
 
-    * ``rng``: the Python, NumPy and torch generators (each rank is seeded ``seed + rank``);
+    * ``rng``: the Python, NumPy and torch generators (each rank is seeded ``seed + rank``),
+      on CUDA that of the rank's own GPU ``device``;
     * ``stage_state``: phase 1's class banks (each rank fills its own from its own pixels; only
       the thresholds are averaged over ranks);
     * ``buffers``: every module buffer, e.g. BatchNorm running statistics: DDP runs with
@@ -66,7 +88,7 @@ def local_state(modules: dict[str, nn.Module], stage_state: dict, rank: int) -> 
     """
     return {
         "rank": rank,
-        "rng": rng_state(),
+        "rng": rng_state(device),
         "stage_state": _to_cpu(stage_state),
         "buffers": {name: {k: b.detach().cpu() for k, b in m.named_buffers()} for name, m in modules.items()},
     }
@@ -102,7 +124,7 @@ def restore_local_state(state: dict, stage: Any, modules: dict[str, nn.Module], 
     if "buffers" in mine:
         load_buffers(modules, mine["buffers"])
     if rank < saved:
-        set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"], env.device)
     if saved == world:
         return ""
     fresh = f"; ranks {saved}..{world - 1} keep their own random seeds" if world > saved else ""

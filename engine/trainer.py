@@ -24,7 +24,7 @@ from datasets.labels import class_names
 from datasets.loader import to_device_image, workers_per_rank
 from engine.common import LOG, NonFiniteLossError, RunError, per_rank, progress
 from engine.network import build_network, prepare_for_training, unwrap
-from engine.optim import set_lr, sgd_for
+from engine.optim import grad_scaler, set_lr, sgd_for
 from engine.state import (
     LATEST,
     STATE_FORMAT,
@@ -156,7 +156,10 @@ class Trainer:
         self.env = stage.env
         self.writer = writer
         self.val_loader = val_loader
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.args.amp == "fp16")
+        self.scaler = grad_scaler(self.args, self.env.device)
+        self.loss_scale: float | None = None  # fp16: the loss scale of the current iteration (host copy)
+        self.skipped_steps = 0  # fp16: consecutive iterations whose optimizer steps the scaler skipped
+        self.quality: dict[str, float | int | None] = {}  # the pseudo-label entries of the current iteration
         self.start_iter = 0
         self.best_miou = 0.0
         self.best_path: str | None = None
@@ -174,7 +177,8 @@ class Trainer:
         thresholds) is taken from rank 0; what each rank keeps for itself (:func:`local_state`)
         is gathered from every rank into ``ranks``. ``stage_state`` and ``rng`` repeat rank 0's.
         """
-        ranks = du.gather_to_main(local_state(self.stage_modules(), self.stage.extra_state(), self.env.rank))
+        ranks = du.gather_to_main(local_state(self.stage_modules(), self.stage.extra_state(), self.env.rank,
+                                              self.env.device), self.env.device)
         if ranks is None:
             return None
         s = self.stage
@@ -209,10 +213,10 @@ class Trainer:
             for k, (opt, _) in s.optimizers.items():
                 opt.load_state_dict(state["optimizers"][k])
             approximated = restore_local_state(state, s, self.stage_modules(), self.env)
+            self.restore_scaler(state.get("scaler") or {}, path)
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this network/options ({first})") from None
-        self.scaler.load_state_dict(state["scaler"])
         self.start_iter = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         self.best_path = state["best_path"] or None
@@ -220,6 +224,19 @@ class Trainer:
             LOG.warning("%s: %s", path, approximated)
         LOG.info("resumed from %s at iteration %d (best mIoU so far %.4f)", path, self.start_iter,
                  self.best_miou)
+
+    def restore_scaler(self, saved: dict, path: str) -> None:
+        """The grad scaler's state, across ``--amp`` modes: a state written with ``--amp off`` /
+        ``bf16`` or ``--cpu`` holds an empty scaler (a disabled ``GradScaler`` saves ``{}``, which an
+        enabled one refuses to load), so an fp16 run resumed from it starts the loss scale afresh;
+        an fp16 state resumed without fp16 has no use for it. Either way one line says so."""
+        if saved and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved)
+        elif self.scaler.is_enabled():
+            LOG.info("%s: no grad-scaler state (written without --amp fp16); the fp16 loss scale starts at %g",
+                     path, self.scaler.get_scale())
+        elif saved:
+            LOG.info("%s: its fp16 grad-scaler state is not used with --amp %s", path, self.args.amp)
 
     @staticmethod
     def save_file(obj: Any, path: str) -> None:
@@ -285,7 +302,7 @@ class Trainer:
             raise RunError(f"{path}: cannot append ({exc.strerror or exc})") from None
 
     def check_finite(self, values: Tensor, names: list[str], it: int) -> None:
-        if self.args.amp == "fp16":  # the grad scaler skips such steps, as in the original
+        if self.scaler.is_enabled():  # fp16: the grad scaler skips such steps, as in the original
             return
         if not torch.isfinite(values).all():
             bad = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
@@ -325,21 +342,65 @@ class Trainer:
 
     def train_step(self, it: int, batches: Iterator[tuple]) -> dict[str, float]:
         """One iteration: learning rates, gradients (:meth:`accumulate_gradients`), the NaN check,
-        the optimizer steps. Returns the losses averaged over micro-batches and ranks."""
-        args, stage = self.args, self.stage
+        the optimizer steps. Returns the losses averaged over micro-batches and ranks.
+
+        The losses, the pseudo-label monitor's counts and (fp16) the loss scale reach the host
+        in one transfer: the iteration's only host sync besides the grad scaler's reads of
+        ``found_inf`` (none with fused optimizers, :func:`engine.optim.optimizer_kernels`).
+        Losses and counts are all-reduced as one float64 tensor: the counts stay exact (below
+        2^53), and the float32 losses, summed in float64 and rounded back to float32, are the
+        correctly rounded sum over the ranks (float32's own for two ranks); they are then divided
+        by the world size in float32, as before.
+        """
+        args, stage, env = self.args, self.stage, self.env
         for opt, base in stage.optimizers.values():
             opt.zero_grad(set_to_none=True)
             set_lr(opt, base, it, args)
         sums = self.accumulate_gradients(it, batches)
         names = sorted(sums)
-        values = torch.stack([sums[k] for k in names])
-        du.all_reduce_sum(values)
-        values = (values / self.env.world_size).cpu()
+        monitor = stage.pseudo_monitor
+        parts = [torch.stack([sums[k] for k in names]).double()]
+        if monitor is not None:
+            parts.append(monitor.take().double())
+        reduced = du.all_reduce_sum(torch.cat(parts), env.device)
+        if self.scaler.is_enabled():
+            # The scale this iteration's backward used (a device tensor; get_scale() would sync).
+            reduced = torch.cat([reduced, self.scaler._get_scale_async().double().reshape(1)])
+        host = reduced.cpu()
+        n = len(names)
+        values = host[:n].float() / env.world_size
+        if monitor is not None:
+            self.quality = monitor.record(host[n:n + monitor.size].long().numpy())
         self.check_finite(values, names, it)
+        if self.scaler.is_enabled():
+            self.check_skipped_steps(it, float(host[-1]))
         for opt, _ in stage.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()
         return dict(zip(names, values.tolist()))
+
+    def check_skipped_steps(self, it: int, scale: float) -> None:
+        """fp16: count the iterations whose optimizer steps the grad scaler skipped; stop after
+        ``--max_skipped_steps`` in a row (0: never).
+
+        ``scale`` is the loss scale of iteration ``it``. The scaler halves it after an iteration
+        with non-finite gradients, whose steps it skips, and only then lowers it; so iteration
+        ``it - 1`` was skipped exactly when ``scale`` is below the previous iteration's (known one
+        iteration late, at no extra host sync).
+        """
+        previous, self.loss_scale = self.loss_scale, scale
+        if previous is None:
+            return
+        self.skipped_steps = self.skipped_steps + 1 if scale < previous else 0
+        limit = getattr(self.args, "max_skipped_steps", 0)
+        if limit and self.skipped_steps >= limit:
+            n = self.skipped_steps
+            raise NonFiniteLossError(
+                f"--amp fp16: the grad scaler skipped the optimizer steps of {n} iterations in a row "
+                f"({it - n}..{it - 1}; non-finite gradients at every loss scale, now {scale:g}): the run "
+                f"diverged, stopping (--max_skipped_steps {limit}). The last training state is "
+                f"{os.path.join(self.args.snapshot_dir, LATEST)}"
+            )
 
     def log_iteration(self, it: int, logged: dict[str, float], bar: Any) -> None:
         """Rank 0: the iteration's line in ``metrics.jsonl``; every 10 iterations the scalars in
@@ -347,14 +408,17 @@ class Trainer:
         per iteration, peak GPU memory)."""
         args, env, stage = self.args, self.env, self.stage
         monitor = stage.pseudo_monitor  # set by build()/batches() when the target ground truth exists
-        quality = monitor.collect() if monitor is not None else {}  # a collective: every rank calls it
         if not env.is_main:
             return
+        quality = self.quality if monitor is not None else {}  # summed over ranks by train_step
         mem = peak_memory_mib(env.device)  # CUDA only: the key is left out on the CPU
-        self.append_metrics(it, {**logged, **quality, **({} if mem is None else {"max_mem_mib": mem})})
+        scale = {} if self.loss_scale is None else {"loss_scale": self.loss_scale}  # fp16 only
+        self.append_metrics(it, {**logged, **quality, **scale, **({} if mem is None else {"max_mem_mib": mem})})
         if self.writer is not None and it % 10 == 0:
             for k, v in logged.items():
                 self.writer.add_scalar(f"train/{k}", v, it)
+            if self.loss_scale is not None:
+                self.writer.add_scalar("amp/loss_scale", self.loss_scale, it)
             for k, (opt, _) in stage.optimizers.items():
                 self.writer.add_scalar(f"lr/{k}", opt.param_groups[0]["lr"], it)
             stage.tensorboard_extra(self.writer, it)
@@ -364,6 +428,8 @@ class Trainer:
             text = ", ".join(f"{k} = {v:.5f}" for k, v in logged.items() if k != "total")
             if monitor is not None:
                 text += ", " + monitor.console_text()
+            if self.loss_scale is not None:
+                text += f", loss scale {self.loss_scale:g}"
             bar.set_postfix_str(text[:80])
             LOG.info("iter = %8d/%8d, %s (%.2fs/it%s)", it, args.num_steps, text,
                      (time.time() - self.t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
@@ -401,7 +467,7 @@ class Trainer:
                 if it == stop - 1 and stop % self.args.save_latest_every != 0:
                     self.save_latest(stop)  # the end of the schedule: a resume has nothing left to do
         bar.close()
-        du.barrier()
+        du.barrier(self.env.device)
         if self.writer is not None:
             self.writer.close()
 
@@ -411,8 +477,8 @@ class LoopFaults:
 
     From ``$DECOUPLENET_FAULT`` (see :mod:`utils.checkpoint`, which also honours
     ``$DECOUPLENET_FAULT_RANK``): ``kill_at_iter:K`` SIGKILLs this process at the start of
-    iteration K, ``nan_at_iter:K`` makes the total loss of iteration K NaN. Without the variable
-    both hooks do nothing.
+    iteration K, ``nan_at_iter:K`` makes the total loss of iteration K NaN, ``nan_from_iter:K``
+    that of iteration K and every later one. Without the variable both hooks do nothing.
     """
 
     def __init__(self) -> None:
@@ -420,13 +486,14 @@ class LoopFaults:
         kind, arg = (fault[0], fault[1]) if fault else ("", "")
         self.kill_at = int(arg) if kind == "kill_at_iter" else None
         self.nan_at = int(arg) if kind == "nan_at_iter" else None
+        self.nan_from = int(arg) if kind == "nan_from_iter" else None
 
     def at_iteration_start(self, it: int) -> None:
         if it == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def losses(self, it: int, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        if it == self.nan_at:
+        if it == self.nan_at or (self.nan_from is not None and it >= self.nan_from):
             losses["total"] = losses["total"] * float("nan")
         return losses
 

@@ -64,8 +64,8 @@ def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: An
             on_batch(batch, pred)
         if not sample:
             sample = {"img": batch["img"][0], "label": batch["label"][0], "pred": pred[0].cpu()}
-    du.all_reduce_sum(inter)
-    du.all_reduce_sum(union)
+    du.all_reduce_sum(inter, env.device)
+    du.all_reduce_sum(union, env.device)
     iou, miou = mean_iou(inter.cpu().numpy(), union.cpu().numpy())
     net.train(was_training)
     return iou, miou, sample

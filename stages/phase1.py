@@ -22,7 +22,7 @@ from datasets.build import source_train_dataset, target_train_dataset
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.optim import autocast
+from engine.optim import autocast, optimizer_kernels
 from engine.trainer import PassObjective, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import STEM_CHANNELS, load_group_state
@@ -182,7 +182,7 @@ class Phase1Stage(Stage):
         self.d1, self.d2 = inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
 
-        adam = {"foreach": True} if env.device.type == "cuda" else {}
+        adam = optimizer_kernels(args, env.device)
         self.optimizers.update({
             "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
@@ -208,7 +208,7 @@ class Phase1Stage(Stage):
         """
         conf, pred = F.softmax(logits.float(), 1).max(1)
         thresholds = self.tracker.update(conf, pred).clone()
-        du.all_reduce_mean(thresholds)
+        du.all_reduce_mean(thresholds, self.env.device)
         self.tracker.thresholds = thresholds
         keep = conf >= thresholds[pred]
         labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))

@@ -16,8 +16,8 @@ Definitions (per iteration, pooled over the micro-batches and the ranks):
   ground-truth class ``c``.
 
 Ranks are combined by summing the counts (never by averaging fractions). The counts are one
-sync-free histogram per micro-batch on the training device; the loop reads them back right
-after it reads the losses, when the device has already finished the iteration.
+sync-free histogram per micro-batch on the training device; the loop all-reduces them in one
+tensor with the iteration's losses and reads both back in one transfer.
 
 Phase 1's pseudo labels live on the stride-8 logit grid. Logit ``i`` (of ``n`` along an
 axis of ``N`` pixels) is the value the network's ``align_corners=True`` upsampling places
@@ -118,10 +118,10 @@ def summarize(counts: np.ndarray, num_classes: int) -> dict[str, Any]:
 class PseudoLabelMonitor:
     """Per-iteration pseudo-label accuracy of one training run (every rank holds one).
 
-    ``observe`` adds a micro-batch's counts on the device; ``collect`` (every iteration, on
-    every rank: it is a collective under DDP) sums them over the ranks and returns the
-    ``metrics.jsonl`` entries; ``console_text`` / ``tensorboard`` report the totals since
-    their previous call.
+    ``observe`` adds a micro-batch's counts on the device; ``take`` hands them over (the
+    training loop sums them over the ranks with its losses) and ``record`` books the totals,
+    returning the ``metrics.jsonl`` entries (``collect`` does both with its own all-reduce);
+    ``console_text`` / ``tensorboard`` report the totals since their previous call.
     """
 
     def __init__(self, num_classes: int, ignore_label: int, device: torch.device,
@@ -130,6 +130,7 @@ class PseudoLabelMonitor:
         self.ignore_label = int(ignore_label)
         self.class_names = list(class_names)
         self.size = self.num_classes * self.num_classes + self.num_classes
+        self.device = device
         self.counts = torch.zeros(self.size, dtype=torch.int64, device=device)
         self._console = np.zeros(self.size, dtype=np.int64)
         self._console_iters = 0
@@ -145,21 +146,33 @@ class PseudoLabelMonitor:
         """Phase 1: ``pseudo`` ``[N, h, w]`` on the logit grid, ``gt`` ``[N, H, W]`` of the crop."""
         self.observe(pseudo, ground_truth_at_logits(gt.to(pseudo.device, non_blocking=True), pseudo.shape[-2:]))
 
-    def collect(self) -> dict[str, float | int | None]:
-        """Sum this iteration's counts over the ranks, reset them; the ``metrics.jsonl`` entries.
+    def take(self) -> Tensor:
+        """This rank's counts since the previous call, on the device (a copy), and reset them.
 
-        ``pseudo_acc`` (None when no pixel was scored) and ``pseudo_acc_pixels`` (the scored
-        pixels, all ranks).
+        The training loop all-reduces them together with the losses and reads both back in one
+        transfer (:meth:`engine.trainer.Trainer.train_step`), then hands the totals to :meth:`record`.
         """
-        du.all_reduce_sum(self.counts)
-        host = self.counts.cpu().numpy().copy()  # (on the CPU, .cpu() is the same storage)
+        counts = self.counts.clone()
         self.counts.zero_()
+        return counts
+
+    def record(self, totals: np.ndarray) -> dict[str, float | int | None]:
+        """Add one iteration's counts summed over the ranks (host int64 ``[C * C + C]``); the
+        ``metrics.jsonl`` entries ``pseudo_acc`` (None when no pixel was scored) and
+        ``pseudo_acc_pixels`` (the scored pixels, all ranks)."""
+        host = np.asarray(totals, dtype=np.int64)
         self._console += host
         self._console_iters += 1
         self._board += host
         self._board_iters += 1
         s = summarize(host, self.num_classes)
         return {"pseudo_acc": s["acc"], "pseudo_acc_pixels": s["scored"]}
+
+    def collect(self) -> dict[str, float | int | None]:
+        """:meth:`take`, sum over the ranks (a collective), :meth:`record`: on its own, one
+        all-reduce and one host transfer."""
+        counts = du.all_reduce_sum(self.take(), self.device)
+        return self.record(counts.cpu().numpy())
 
     def console_text(self) -> str:
         """``pseudo_acc = x`` pooled over the iterations since the previous call (then reset)."""
@@ -191,7 +204,7 @@ class PseudoLabelMonitor:
 def all_ranks_agree(flag: bool, env: du.DistEnv) -> bool:
     """True when ``flag`` is true on every rank (one small all-reduce; run at start-up only)."""
     count = torch.tensor([1 if flag else 0], dtype=torch.int64, device=env.device)
-    du.all_reduce_sum(count)
+    du.all_reduce_sum(count, env.device)
     return int(count.item()) == env.world_size
 
 

@@ -53,7 +53,7 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
             raise RunError(f"--output_folder {args.output_folder}: cannot create ({exc.strerror})") from None
         for path in remove_stale_temp_files(args.output_folder):  # left by a killed run
             LOG.info("removed stale temporary file %s", path)
-    du.barrier()
+    du.barrier(env.device)
     dataset = target_train_dataset(args, augment=False)
     total = len(dataset.files)
     if args.skip_existing:
@@ -96,13 +96,13 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                     except OSError as exc:
                         raise RunError(f"{out}: cannot write soft label ({exc.strerror or exc})") from None
                     written += 1
-    count = torch.tensor([written], dtype=torch.int64)
-    du.all_reduce_sum(count)
+    count = torch.tensor([written], dtype=torch.int64, device=env.device)  # NCCL: on the rank's GPU
+    du.all_reduce_sum(count, env.device)
     LOG.info("soft labels: %d files written to %s in %.1fs (%d already present)", int(count), args.output_folder,
              time.time() - t0, total - len(dataset.files))
     if with_gt:
-        du.all_reduce_sum(inter)
-        du.all_reduce_sum(union)
+        du.all_reduce_sum(inter, env.device)
+        du.all_reduce_sum(union, env.device)
         if int(count) > 0:
             iou, miou = mean_iou(inter, union)
             LOG.info("soft labels (argmax) vs train ground truth, %d images (monitoring only):\n%s", int(count),

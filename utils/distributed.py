@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,34 +309,94 @@ def abandon() -> None:
             dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+class CollectiveDeviceError(RuntimeError):
+    """A collective was handed a tensor that is not on the run's device (a bug of ours, not of the
+    user's input: NCCL would reject it, gloo accepts it)."""
+
+
+def _on(tensor_device: torch.device, device: torch.device) -> bool:
+    return tensor_device.type == device.type and (device.index is None or tensor_device.index == device.index)
+
+
+def check_collective(op: str, device: torch.device, tensor: torch.Tensor | None = None) -> None:
+    """The device rule of every collective below, checked in every process, with or without a
+    process group, so that a CPU run breaks it as loudly as a GPU run would.
+
+    ``device`` is the run's device (``DistEnv.device``). A ``tensor`` must live there: NCCL, the
+    backend on CUDA, takes only tensors of the rank's own GPU ("No backend type associated with
+    device type cpu"), while gloo takes tensors anywhere, so a test suite that runs on the CPU
+    with gloo would never see a count built as ``torch.tensor([n])`` without ``device=``. An
+    object collective (``tensor`` None) on CUDA needs the rank's GPU to be the current CUDA
+    device: NCCL carries the pickled bytes through it.
+    """
+    if tensor is not None:
+        if not _on(tensor.device, device):
+            raise CollectiveDeviceError(
+                f"{op}: tensor on {tensor.device}, but the run's device is {device} (a collective takes tensors "
+                f"on the run's device only; NCCL rejects any other)")
+    elif device.type == "cuda" and torch.cuda.current_device() != device.index:
+        raise CollectiveDeviceError(
+            f"{op}: the current CUDA device is cuda:{torch.cuda.current_device()}, but the run's device is {device}")
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single process); ``tensor`` on the run's ``device``."""
+    check_collective("all_reduce_sum", device, tensor)
+    if _initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+def all_reduce_mean(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """In-place mean over ranks (no-op in a single process); ``tensor`` on the run's ``device``."""
+    check_collective("all_reduce_mean", device, tensor)
+    if _initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def barrier(device: torch.device) -> None:
+    """Wait for every rank. Under NCCL on the rank's own GPU (``device_ids``): without it NCCL
+    guesses the GPU from the rank number, which is wrong with ``--gpus 2,3``."""
+    check_collective("barrier", device)
+    if _initialized():
+        if device.type == "cuda" and dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
 
 
-def gather_to_main(obj: Any) -> list[Any] | None:
+def _device_tensors(obj: Any, path: str = "") -> Iterator[str]:
+    """Where ``obj`` (plain containers) holds a tensor that is not on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            yield f"{path or 'object'} on {obj.device}"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _device_tensors(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _device_tensors(v, f"{path}[{i}]")
+
+
+def gather_to_main(obj: Any, device: torch.device) -> list[Any] | None:
     """Every rank's ``obj`` as a list on rank 0 (``None`` on the others); ``[obj]`` without a
     process group. With a group of one rank it still goes through ``gather_object``.
 
-    Objects travel pickled; keep their tensors on the CPU.
+    Objects travel pickled, so their tensors must be on the CPU (a CUDA tensor would be
+    unpickled onto rank 0's GPU of the same index, or fail where it has none); ``device`` is the
+    run's device, which NCCL carries the bytes through (:func:`check_collective`).
     """
-    if dist.is_available() and dist.is_initialized():
+    check_collective("gather_to_main", device)
+    for where in _device_tensors(obj):
+        raise CollectiveDeviceError(f"gather_to_main: {where}; objects travel pickled, keep their tensors on the CPU")
+    if _initialized():
         out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(obj, out, dst=0)
         return out
     return [obj]
-
