@@ -137,9 +137,15 @@ def original_phase1(args, dev: torch.device, src: dict, tgt: dict):
     """One iteration of the original ``train_phase1.py`` (iter_size 1, one process)."""
     from model import DecoupleNet, FCDiscriminator
 
-    net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim).to(dev).train()
-    d1 = FCDiscriminator(net.stem_channels, ndf=32).to(dev).train()
-    d2 = FCDiscriminator(args.num_classes, ndf=64).to(dev).train()
+    from model.decouplenet import STEM_CHANNELS
+
+    discs: list[FCDiscriminator] = []
+    # The original draws D1 and D2 between its ResNets and its heads (docs/METHOD.md section 2).
+    net = DecoupleNet(num_classes=args.num_classes, layer=args.layer, hidden_dim=args.hidden_dim,
+                      after_backbone=lambda: discs.extend([FCDiscriminator(STEM_CHANNELS[args.layer], ndf=32),
+                                                           FCDiscriminator(args.num_classes, ndf=64)]))
+    net = net.to(dev).train()
+    d1, d2 = (d.to(dev).train() for d in discs)
     b1, b2, body, head, cls, aux = (net.source_stem, net.target_stem, net.body, net.head, net.classifier,
                                     net.aux_classifier)
     opt = torch.optim.SGD([{"params": net.backbone_parameters()},
