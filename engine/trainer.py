@@ -387,24 +387,27 @@ class Trainer:
                      (time.time() - self.t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
         return {**logged, **quality, **({} if mem is None else {"max_mem_mib": mem})}
 
-    def save_checkpoints(self, it: int) -> dict[str, float]:
-        """After iteration ``it``: validation and the best checkpoint every ``--save-pred-every``,
-        the training state every ``--save_latest_every`` (all ranks call; rank 0 writes).
-        Returns the validation's ``miou_val`` and ``loss_val`` (``{}`` without a validation)."""
+    def save_checkpoints(self, it: int, record: dict[str, float]) -> None:
+        """After iteration ``it`` (all ranks call; rank 0 writes): validation and the best
+        checkpoint every ``--save-pred-every``; the iteration's ``metrics.jsonl`` line, ``record``
+        (:meth:`log_iteration`) with the validation's ``miou_val`` and ``loss_val``; the training
+        state every ``--save_latest_every``. The line is written before the state, so that a run
+        resumed from any ``latest.pth`` finds every earlier iteration's line."""
         args = self.args
-        scores: dict[str, float] = {}
         if it % args.save_pred_every == 0 and it != 0 and self.val_loader is not None:
             scores = self.validate(it)
             self.maybe_save_best(it, scores["miou_val"])
+            record = {**record, **scores}
+        if self.env.is_main:
+            self.append_metrics(it, record)
         if (it + 1) % args.save_latest_every == 0:
             self.save_latest(it + 1)
-        return scores
 
     def train(self) -> None:
         """The loop. Each iteration: one optimizer update (:meth:`train_step`), its log
-        (:meth:`log_iteration`), its checkpoints (:meth:`save_checkpoints`; after the last one
-        the final checkpoint and training state), then its ``metrics.jsonl`` line, which holds
-        the validation's ``miou_val`` and ``loss_val`` when it validated."""
+        (:meth:`log_iteration`), its checkpoints and ``metrics.jsonl`` line
+        (:meth:`save_checkpoints`); after the last one its line, the final checkpoint and the
+        training state."""
         stop = self.args.num_steps_stop
         batches = self.stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
@@ -417,12 +420,11 @@ class Trainer:
             record = self.log_iteration(it, logged, bar)
             if it == stop - 1:
                 if self.env.is_main:
+                    self.append_metrics(it, record)
                     self.save_official(f"{self.stage.checkpoint_prefix}_{stop}.pth")
                 self.save_latest(stop)
             else:
-                record.update(self.save_checkpoints(it))
-            if self.env.is_main:
-                self.append_metrics(it, record)
+                self.save_checkpoints(it, record)
         bar.close()
         du.barrier()
         if self.writer is not None:
