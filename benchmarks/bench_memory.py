@@ -136,7 +136,6 @@ def ours_step(phase: str, args, dev: torch.device, src: dict, tgt: dict):
 def original_phase1(args, dev: torch.device, src: dict, tgt: dict):
     """One iteration of the original ``train_phase1.py`` (iter_size 1, one process)."""
     from model import DecoupleNet, FCDiscriminator
-
     from model.decouplenet import STEM_CHANNELS
 
     discs: list[FCDiscriminator] = []

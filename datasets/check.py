@@ -8,7 +8,8 @@ What is checked (docs/METHOD.md section 1 layouts):
 * **GTA5**: ``images/`` and ``labels/`` exist and hold the same ``.png`` names; image and label
   sizes agree (read from the PNG headers; a different size with the same aspect ratio is a
   warning: the loader resizes both); labels are single-channel (grey or palette) and hold
-  known label ids (ids outside 0..33 are a warning: they become ignore); ``split.mat`` loads as
+  only GTA5 label ids (0..34 and 250, as the original's loader; any other id is a problem: the
+  loader stops on it); ``split.mat`` loads as
   the loader reads it and lists only existing pairs; ``gtav_label_info.p`` loads with the
   restricted unpickler, has ``--num-classes`` classes, lists exactly the label files, and its
   classes per file match the labels' pixels.
@@ -36,10 +37,10 @@ import numpy as np
 from .errors import DatasetError
 from .gta5 import _split_names
 from .label_info import load_label_info
-from .labels import class_names, encode_labels, synthia_encode_labels
+from .labels import class_names, encode_labels, synthia_encode_labels, unknown_gta5_ids
 from .prepare import LABEL_MODES, read_label_ids
 
-CITYSCAPES_MAX_ID = 33  # Cityscapes / GTA5 label ids are 0..33
+CITYSCAPES_MAX_ID = 33  # Cityscapes label ids are 0..33
 SYNTHIA_MAX_ID = 22  # SYNTHIA-RAND-CITYSCAPES class ids are 0..22
 _IMG_SUFFIX = "_leftImg8bit.png"
 _LBL_SUFFIX = "_gtFine_labelIds.png"
@@ -238,11 +239,17 @@ def check_gta5(root: str, report: Report, num_classes: int = 19, workers: int = 
     classes_of: dict[str, list[int]] = {}
     if read_ids and labels:
         ids_by_path = read_all_ids([os.path.join(labels_dir, n) for n in labels], "ids", workers)
-        _unknown_id_warnings(report, ids_by_path, CITYSCAPES_MAX_ID, "Cityscapes/GTA5")
         for path, (ids, err) in ids_by_path.items():
-            if not err:
-                enc = encode_labels(np.asarray(ids, dtype=np.int64), num_classes)
-                classes_of[os.path.basename(path)] = sorted({int(c) for c in enc if c < num_classes})
+            if err:
+                report.problem(err)
+                continue
+            unknown = unknown_gta5_ids(np.asarray(ids, dtype=np.int64))
+            if unknown:  # the loader stops on them, as the original's does
+                shown = ", ".join(str(i) for i in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+                report.problem(f"{path}: label ids {shown} are not GTA5 label ids (0..34, and 250 for ignore); "
+                               "training stops on them")
+            enc = encode_labels(np.asarray(ids, dtype=np.int64), num_classes)
+            classes_of[os.path.basename(path)] = sorted({int(c) for c in enc if c < num_classes})
 
     # split.mat, exactly as the loader reads it
     split_path = os.path.join(root, "split.mat")

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
-from .labels import encode_labels
+from .labels import encode_labels, unknown_gta5_ids
 from .transforms import JointAugment, resize_image, resize_label, to_chw_tensor
 
 Key = int | tuple[int, int] | Sequence[int]
@@ -302,12 +302,27 @@ class GTA5Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def label_path_of(self, index: int) -> str:
+        """The label file of sample ``index``."""
+        return os.path.join(self.label_dir, self.files[index])
+
     def read_ids(self, path: str, rows: int | None = None) -> np.ndarray:
         """The label file's class ids (only its top ``rows`` rows are needed, if given)."""
         return read_label_ids(path, rows)
 
-    def encode(self, ids: np.ndarray) -> np.ndarray:
-        """Class ids -> train ids (uint8, ignore 250)."""
+    def encode(self, ids: np.ndarray, path: str = "") -> np.ndarray:
+        """Class ids -> train ids (uint8, ignore 250) of the label file ``path``.
+
+        As in the original's GTA5 loader, only the ids 0..34 and 250 are label ids
+        (``datasets.labels.GTA5_LABEL_IDS``; 0..34 other than the 19 classes' ids, and 250,
+        become 250); any other id in the pixels read stops with a :class:`DatasetError` naming
+        the file, where the original's loader raises ``ValueError``.
+        """
+        unknown = unknown_gta5_ids(ids)
+        if unknown:
+            shown = ", ".join(str(v) for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+            raise DatasetError(f"{path or 'GTA5 label'}: label ids {shown} are not GTA5 label ids "
+                               "(0..34, and 250 for ignore)")
         return encode_labels(ids, self.num_classes)
 
     def load_pair(self, index: int, encode: bool = True) -> tuple[Image.Image, np.ndarray, str]:
@@ -322,7 +337,7 @@ class GTA5Dataset(Dataset):
         img = open_rgb(img_path)
         ids = self.read_ids(lbl_path)
         check_pair_sizes(img_path, (img.height, img.width), lbl_path, ids.shape[:2])
-        label = self.encode(ids) if encode else ids
+        label = self.encode(ids, lbl_path) if encode else ids
         img, label = resize_pair(img, label, self.img_size)
         return img, label, img_path
 
@@ -373,7 +388,7 @@ class GTA5Dataset(Dataset):
         rng, gen = sample_rngs(self.seed, self.domain, epoch, index)
         img, ids, path, params, size_hw, used = self._load_with_skip(index, rng)
         sample = augment_or_whole(self.augment, img, ids, rng, gen, params, size_hw)
-        sample["label"] = torch.from_numpy(self.encode(sample["label"].numpy()))
+        sample["label"] = torch.from_numpy(self.encode(sample["label"].numpy(), self.label_path_of(used)))
         sample["path"] = path
         sample["index"] = used
         return sample

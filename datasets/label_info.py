@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from utils.files import create_temp_file
 
 from .errors import DatasetError
 from .labels import encode_labels
@@ -222,14 +223,16 @@ def save_label_info(
 
     ``label_to_file`` is stored as a list of lists of str and ``file_to_label`` as a
     dict of str -> list of int. The data go to a temporary file in the same folder,
-    which is flushed, fsynced and then renamed over ``path``.
+    which is flushed, fsynced and then renamed over ``path``. The file gets an ordinary new
+    file's mode (0666 minus the umask: 0644 under umask 022).
     """
     path = os.fspath(path)
     l2f = [[str(n) for n in names] for names in label_to_file]
     f2l = {str(k): [int(i) for i in v] for k, v in file_to_label.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".label_info.", suffix=".tmp", dir=folder)
+    # Not tempfile.mkstemp: its 0600 would survive the rename; an ordinary file's mode instead.
+    fd, tmp = create_temp_file(folder, ".label_info.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump((l2f, f2l), f, protocol=4)

@@ -33,6 +33,13 @@ CITYSCAPES_IDS: dict[int, tuple[int, ...]] = {
     13: (7, 8, 11, 19, 20, 21, 23, 24, 25, 26, 28, 32, 33),
 }
 
+# The label ids the original's GTA5 loader accepts (docs/METHOD.md section 1): its void_classes
+# (0..6, 9, 10, 14..16, 18, 29, 30, 34), which it sets to 250, and its valid_classes (the 19 ids
+# above), which become train ids, i.e. 0..34; and 250, which it leaves as the ignore label. It
+# leaves any other id as it is, and its transform then stops ("Segmentation map contained
+# invalid class values").
+GTA5_LABEL_IDS: tuple[int, ...] = (*range(35), IGNORE_LABEL)
+
 # SYNTHIA-RAND-CITYSCAPES class ids in train-id order (docs/METHOD.md section 1). This is the
 # mapping of the ProDA / CBST lineage for SYNTHIA-RAND-CITYSCAPES (id 3 road, 4 sidewalk,
 # 2 building, 21 wall, 5 fence, 7 pole, 15 traffic light, 9 traffic sign, 6 vegetation,
@@ -89,6 +96,23 @@ def encode_labels(label_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:
     if num_classes not in CITYSCAPES_IDS:
         raise ValueError(f"num_classes must be 19, 16 or 13, got {num_classes}")
     return _apply_lut(label_ids, _lookup_table(CITYSCAPES_IDS[num_classes]))
+
+
+_GTA5_KNOWN = np.zeros(256, dtype=bool)
+_GTA5_KNOWN[list(GTA5_LABEL_IDS)] = True
+
+
+def unknown_gta5_ids(label_ids: np.ndarray) -> list[int]:
+    """The distinct ids of ``label_ids`` that are not in :data:`GTA5_LABEL_IDS`, sorted (``[]``
+    when every id is one)."""
+    arr = np.asarray(label_ids)
+    if arr.dtype == np.uint8:
+        unknown = ~_GTA5_KNOWN[arr]  # a table look-up: cheap enough for every training crop
+    else:
+        unknown = ~np.isin(arr, GTA5_LABEL_IDS)
+    if not unknown.any():
+        return []
+    return [int(v) for v in np.unique(arr[unknown])]
 
 
 def synthia_encode_labels(label_ids: np.ndarray, num_classes: int = 16) -> np.ndarray:

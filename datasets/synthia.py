@@ -76,5 +76,6 @@ class SynthiaDataset(GTA5Dataset):
         """SYNTHIA class ids of the whole label file (16-bit PNGs are read whole)."""
         return read_synthia_label(path)
 
-    def encode(self, ids: np.ndarray) -> np.ndarray:
+    def encode(self, ids: np.ndarray, path: str = "") -> np.ndarray:
+        """SYNTHIA class ids -> train ids; every other id becomes 250 (``path`` is not needed)."""
         return synthia_encode_labels(ids, self.num_classes)

@@ -34,7 +34,7 @@ from engine.state import (
     resolve_resume_from,
     restore_local_state,
 )
-from engine.validation import compute_miou, sample_figure, val_loader
+from engine.validation import evaluate, sample_figure, val_loader
 from model import DecoupleNet
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, atomic_save, injected_fault, safe_load
@@ -57,6 +57,9 @@ class Stage:
     name = "stage"
     official_phase = 1
     checkpoint_prefix = "GTA5"
+    # Logged values that tensorboard gets under their own names, as the original writes them
+    # (every 10 iterations); the other logged values go under train/<name>.
+    original_scalars: tuple[str, ...] = ("loss_seg",)
     pseudo_monitor: Any = None  # stages.pseudo_quality.PseudoLabelMonitor when target ground truth exists
 
     def __init__(self, args: Any, env: du.DistEnv) -> None:
@@ -263,22 +266,30 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ validation
-    def validate(self, it: int) -> float:
-        iou, miou, sample = compute_miou(self.stage.net, self.val_loader, self.env, self.args)
+    def validate(self, it: int) -> dict[str, float]:
+        """Validation after iteration ``it`` (all ranks call): the IoU table and ``loss_val`` in the
+        log; ``miou_val`` and ``loss_val`` in tensorboard under the original's tags, at step ``it``,
+        with our per-class IoU (``val_iou/<class>``) and sample figure (``val/sample``). Returns
+        ``{"miou_val": ..., "loss_val": ...}``."""
+        result = evaluate(self.stage.net, self.val_loader, self.env, self.args)
+        scores = {"miou_val": float(result.miou), "loss_val": float(result.loss)}
         if self.env.is_main:
-            LOG.info("iter %d validation:\n%s", it, format_iou_table(iou, class_names(self.args.num_classes), miou))
-            fig = sample_figure(sample) if sample else None
+            names = class_names(self.args.num_classes)
+            LOG.info("iter %d validation: loss_val = %.5f\n%s", it, result.loss,
+                     format_iou_table(result.iou, names, result.miou))
+            fig = sample_figure(result.sample) if result.sample else None
             if fig is not None:
                 import cv2
 
                 cv2.imwrite(os.path.join(self.args.snapshot_dir, "val_sample.png"), fig[:, :, ::-1])
             if self.writer is not None:
-                self.writer.add_scalar("val/miou", miou, it)
-                for name, v in zip(class_names(self.args.num_classes), iou):
+                for tag, v in scores.items():  # the original's two validation scalars
+                    self.writer.add_scalar(tag, v, it)
+                for name, v in zip(names, result.iou):
                     self.writer.add_scalar(f"val_iou/{name}", float(v), it)
                 if fig is not None:
                     self.writer.add_image("val/sample", fig, it, dataformats="HWC")
-        return miou
+        return scores
 
     def maybe_save_best(self, it: int, miou: float) -> None:
         """Write the new best checkpoint first, then remove the previous one (never zero copies)."""
@@ -293,7 +304,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def append_metrics(self, it: int, logged: dict[str, float]) -> None:
         """One JSON line per iteration in ``<snapshot>/metrics.jsonl``: the losses at full precision
-        (the log rounds them). Appended, so a resumed run continues the same file."""
+        (the log rounds them), and ``miou_val`` / ``loss_val`` after a validation. Appended, so a
+        resumed run continues the same file."""
         path = os.path.join(self.args.snapshot_dir, METRICS)
         try:
             with open(path, "a", encoding="utf-8") as f:
@@ -402,21 +414,28 @@ class Trainer:
                 f"{os.path.join(self.args.snapshot_dir, LATEST)}"
             )
 
-    def log_iteration(self, it: int, logged: dict[str, float], bar: Any) -> None:
-        """Rank 0: the iteration's line in ``metrics.jsonl``; every 10 iterations the scalars in
-        tensorboard; every ``--print-every`` the console line (losses, pseudo-label accuracy, time
-        per iteration, peak GPU memory)."""
+    def log_iteration(self, it: int, logged: dict[str, float], bar: Any) -> dict[str, float]:
+        """Rank 0: every 10 iterations the scalars in tensorboard; every ``--print-every`` the
+        console line (losses, pseudo-label accuracy, time per iteration, peak GPU memory).
+        Returns what the iteration's ``metrics.jsonl`` line holds (``{}`` on the other ranks).
+
+        Tensorboard, at step ``it`` when ``it % 10 == 0`` as the original: the stage's
+        :attr:`Stage.original_scalars` under the original's tags (``loss_seg``, ...), our other
+        logged values under ``train/<name>``, the learning rates under ``lr/<optimizer>``, then
+        the stage's and the pseudo-label monitor's scalars under their own names."""
         args, env, stage = self.args, self.env, self.stage
         monitor = stage.pseudo_monitor  # set by build()/batches() when the target ground truth exists
         if not env.is_main:
-            return
+            return {}
         quality = self.quality if monitor is not None else {}  # summed over ranks by train_step
         mem = peak_memory_mib(env.device)  # CUDA only: the key is left out on the CPU
         scale = {} if self.loss_scale is None else {"loss_scale": self.loss_scale}  # fp16 only
-        self.append_metrics(it, {**logged, **quality, **scale, **({} if mem is None else {"max_mem_mib": mem})})
         if self.writer is not None and it % 10 == 0:
+            for k in stage.original_scalars:
+                self.writer.add_scalar(k, logged[k], it)
             for k, v in logged.items():
-                self.writer.add_scalar(f"train/{k}", v, it)
+                if k not in stage.original_scalars:
+                    self.writer.add_scalar(f"train/{k}", v, it)
             if self.loss_scale is not None:
                 self.writer.add_scalar("amp/loss_scale", self.loss_scale, it)
             for k, (opt, _) in stage.optimizers.items():
@@ -433,21 +452,30 @@ class Trainer:
             bar.set_postfix_str(text[:80])
             LOG.info("iter = %8d/%8d, %s (%.2fs/it%s)", it, args.num_steps, text,
                      (time.time() - self.t0) / max(1, it - self.start_iter + 1), peak_memory_text(env.device))
+        return {**logged, **quality, **scale, **({} if mem is None else {"max_mem_mib": mem})}
 
-    def save_checkpoints(self, it: int) -> None:
-        """After iteration ``it``: validation and the best checkpoint every ``--save-pred-every``,
-        the training state every ``--save_latest_every`` (all ranks call; rank 0 writes)."""
+    def save_checkpoints(self, it: int, record: dict[str, float]) -> None:
+        """After iteration ``it`` (all ranks call; rank 0 writes): validation and the best
+        checkpoint every ``--save-pred-every``; the iteration's ``metrics.jsonl`` line, ``record``
+        (:meth:`log_iteration`) with the validation's ``miou_val`` and ``loss_val``; the training
+        state every ``--save_latest_every``. The line is written before the state, so that a run
+        resumed from any ``latest.pth`` finds every earlier iteration's line."""
         args = self.args
         if it % args.save_pred_every == 0 and it != 0 and self.val_loader is not None:
-            self.maybe_save_best(it, self.validate(it))
+            scores = self.validate(it)
+            self.maybe_save_best(it, scores["miou_val"])
+            record = {**record, **scores}
+        if self.env.is_main:
+            self.append_metrics(it, record)
         if (it + 1) % args.save_latest_every == 0:
             self.save_latest(it + 1)
 
     def train(self) -> None:
         """The loop. Each iteration: one optimizer update (:meth:`train_step`), its log
-        (:meth:`log_iteration`), its checkpoints (:meth:`save_checkpoints`); after the last one
-        the final checkpoint and training state (see :func:`stop_iteration` for a
-        ``--num-steps-stop`` beyond ``--num-steps``)."""
+        (:meth:`log_iteration`), its checkpoints and ``metrics.jsonl`` line
+        (:meth:`save_checkpoints`); after the last one its line, the final checkpoint and the
+        training state (see :func:`stop_iteration` for a ``--num-steps-stop`` beyond
+        ``--num-steps``)."""
         stop, final = stop_iteration(self.args)
         batches = self.stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
@@ -457,13 +485,14 @@ class Trainer:
             self.faults.at_iteration_start(it)
             logged = self.train_step(it, batches)
             bar.update(1)
-            self.log_iteration(it, logged, bar)
+            record = self.log_iteration(it, logged, bar)
             if it == stop - 1 and final:
                 if self.env.is_main:
+                    self.append_metrics(it, record)
                     self.save_official(f"{self.stage.checkpoint_prefix}_{stop}.pth")
                 self.save_latest(stop)
             else:
-                self.save_checkpoints(it)
+                self.save_checkpoints(it, record)
                 if it == stop - 1 and stop % self.args.save_latest_every != 0:
                     self.save_latest(stop)  # the end of the schedule: a resume has nothing left to do
         bar.close()

@@ -1,8 +1,11 @@
-"""Validation: target-branch mIoU over a loader, summed over ranks, and its sample figure."""
+"""Validation: target-branch mIoU and validation loss over a loader, summed over ranks, and its
+sample figure."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,40 +25,96 @@ from utils import distributed as du
 from utils.metrics import intersection_and_union, mean_iou
 
 
+@dataclass
+class Evaluation:
+    """What one pass of :func:`evaluate` over a loader gives.
+
+    Attributes:
+        iou: per-class IoU (intersections / (unions + 1e-10), summed over the whole set).
+        miou: their mean.
+        loss: the validation cross entropy, the original's ``loss_val`` (docs/METHOD.md section 3,
+            "Validation and checkpoints"): per batch, the mean cross entropy of the plain pass's
+            logits (scale 1.0, not flipped, upsampled to the label) over the batch's pixels whose
+            label is not ignored; averaged over the images, each batch weighted by its number of
+            images, over all ranks. A batch whose pixels are all ignored is left out; NaN when no
+            batch counts (or 1.0 is not among the scales).
+        sample: the first image, label and prediction of rank 0 (for the sample figure).
+    """
+
+    iou: np.ndarray
+    miou: float
+    loss: float
+    sample: dict
+
+
+def tta_probabilities(net: torch.nn.Module, img: Tensor, out_hw: tuple[int, int] | torch.Size, args: Any,
+                      device: torch.device, scales: tuple[float, ...] = (1.0,), flip: bool = False,
+                      plain: Callable[[Tensor], None] | None = None) -> Tensor:
+    """The class scores whose argmax is the prediction of ``img`` (docs/METHOD.md section 7).
+
+    One pass per scale (``img`` resized with ``interp`` by the factor) and, with ``flip``, one more
+    on its left-right mirror; each pass's logits are upsampled (``interp``) to ``out_hw`` in
+    float32 and a mirrored pass's are flipped back along the width. A single plain pass returns
+    its logits; several passes return the sum of their softmax. ``plain`` receives the upsampled
+    logits of the plain pass (scale 1.0, not mirrored), if there is one.
+    """
+    total = None
+    for s in scales:
+        x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
+        for mirrored in (False, True) if flip else (False,):
+            xi = torch.flip(x, dims=(3,)) if mirrored else x
+            with inference_autocast(args, device):
+                logits = net(xi)
+            logits = F.interpolate(logits.float(), size=tuple(out_hw), mode="bilinear", align_corners=True)
+            if mirrored:
+                logits = torch.flip(logits, dims=(3,))  # back along the width, so pixels line up again
+            elif s == 1.0 and plain is not None:
+                plain(logits)
+            p = F.softmax(logits, 1) if len(scales) > 1 or flip else logits
+            total = p if total is None else total + p
+    return total
+
+
+def add_batch_loss(sums: Tensor, logits: Tensor, label: Tensor, ignore_index: int) -> None:
+    """Add one batch to the validation loss: ``sums[0] += loss x images``, ``sums[1] += images``.
+
+    The loss is the original's ``seg_loss`` (``CrossEntropyLoss(ignore_index)``): the mean over the
+    batch's pixels whose label is not ``ignore_index``; its AverageMeter weights each batch by its
+    number of images. A batch without a valid pixel is left out (the original's NaN would spoil
+    the mean). No host synchronisation.
+    """
+    ce = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
+    valid = (label != ignore_index).sum()
+    counted = (valid > 0).double() * label.shape[0]
+    sums[0] += (ce / valid.clamp(min=1)).double() * counted
+    sums[1] += counted
+
+
 @torch.no_grad()
-def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
-                 scales: tuple[float, ...] = (1.0,), flip: bool = False,
-                 on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
-    """Target-branch mIoU over ``loader`` (docs/METHOD.md section 3), each image counted once.
+def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+             scales: tuple[float, ...] = (1.0,), flip: bool = False,
+             on_batch: Callable[[dict, Tensor], None] | None = None) -> Evaluation:
+    """Target-branch mIoU and validation loss over ``loader`` (docs/METHOD.md section 3), each
+    image counted once.
 
     In float32 (no autocast), as the original validates, unless ``--inference_amp`` asks for
-    half precision; the training flag ``--amp`` does not apply here.
+    half precision; the training flag ``--amp`` does not apply here. The prediction is the
+    argmax of :func:`tta_probabilities`.
 
     The loader's sampler must shard without padding (``datasets.sampler.ShardSampler``);
-    intersections and unions are summed over ranks. Returns ``(iou_per_class, miou, sample)``
-    where ``sample`` holds the first image, label and prediction of rank 0 for visualisation.
+    intersections, unions and the loss sums are summed over ranks.
     """
     was_training = net.training
     net.eval()
     inter = torch.zeros(args.num_classes, dtype=torch.float64, device=env.device)
     union = torch.zeros_like(inter)
+    loss_sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # sum of batch loss x images, images
     sample: dict = {}
     for batch in progress(loader, desc=desc, env=env, quiet=args.quiet):
         img = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
         label = to_device_label(batch["label"], env.device)
-        prob = None
-        for s in scales:
-            x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
-            for flipped in (False, True) if flip else (False,):
-                xi = torch.flip(x, dims=(3,)) if flipped else x
-                with inference_autocast(args, env.device):
-                    logits = net(xi)
-                logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
-                                       align_corners=True)
-                if flipped:
-                    logits = torch.flip(logits, dims=(3,))
-                p = F.softmax(logits, 1) if len(scales) > 1 or flip else logits
-                prob = p if prob is None else prob + p
+        add_loss = functools.partial(add_batch_loss, loss_sums, label=label, ignore_index=args.ignore_label)
+        prob = tta_probabilities(net, img, label.shape[-2:], args, env.device, scales, flip, plain=add_loss)
         pred = prob.argmax(1)
         i, u, _ = intersection_and_union(pred, label, args.num_classes, args.ignore_label)
         inter += i.to(inter)
@@ -66,9 +125,19 @@ def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: An
             sample = {"img": batch["img"][0], "label": batch["label"][0], "pred": pred[0].cpu()}
     du.all_reduce_sum(inter, env.device)
     du.all_reduce_sum(union, env.device)
+    du.all_reduce_sum(loss_sums, env.device)
     iou, miou = mean_iou(inter.cpu().numpy(), union.cpu().numpy())
+    total, images = loss_sums.tolist()
     net.train(was_training)
-    return iou, miou, sample
+    return Evaluation(iou=iou, miou=miou, loss=total / images if images else float("nan"), sample=sample)
+
+
+def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False,
+                 on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
+    """:func:`evaluate` as ``(iou_per_class, miou, sample)``."""
+    result = evaluate(net, loader, env, args, desc=desc, scales=scales, flip=flip, on_batch=on_batch)
+    return result.iou, result.miou, result.sample
 
 
 def sample_figure(sample: dict) -> np.ndarray:

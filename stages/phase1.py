@@ -148,6 +148,7 @@ class Phase1Objective(PassObjective):
 
 class Phase1Stage(Stage):
     name = "phase1"
+    original_scalars = ("loss_seg", "loss_adv_src", "loss_adv_tgt", "loss_D1", "loss_D2", "loss_st")
 
     def build(self) -> None:
         args, env = self.args, self.env

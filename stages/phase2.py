@@ -88,6 +88,7 @@ class Phase2Objective(PassObjective):
 class Phase2Stage(Stage):
     name = "phase2"
     official_phase = 2
+    original_scalars = ("loss_seg", "loss_src_seg")
 
     def build(self) -> None:
         args, env = self.args, self.env

@@ -109,3 +109,28 @@ def miou_by_hand(label_ids: list[np.ndarray], preds: list[np.ndarray]) -> float:
             inter[k] += np.sum((pred == k) & (gt == k))
             union[k] += np.sum(((pred == k) & valid) | (gt == k))
     return float(np.mean(inter / (union + 1e-10)))
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the tensorboard event files of ``folder``: ``{tag: [(step, value), ...]}`` in
+    the order written. The records are read with tensorboardX's protobuf classes (TFRecord
+    framing: 8-byte length, 4-byte length CRC, the ``Event``, 4-byte data CRC), so the test needs
+    neither TensorFlow nor the tensorboard package."""
+    import glob
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(os.fspath(folder), "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (size,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + size])
+            pos += 12 + size + 4
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":
+                    scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return scalars

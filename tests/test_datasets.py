@@ -281,6 +281,50 @@ def test_gta5_errors(synth: dict[str, str], tmp_path: Path) -> None:
 # ---- Cityscapes --------------------------------------------------------------------
 
 
+def test_gta5_label_ids_follow_the_original_loader(synth: dict[str, str], tmp_path: Path) -> None:
+    """GTA5 label ids against the original's GTA5 loader (tests/data/gta5_encoding_original.json,
+    made by running its encode_segmap and transform on every uint8 id): the ids it accepts
+    (0..34, 250) encode to its train ids, in the whole image and in augmented crops; every other
+    id stops the sample with one error naming the label file (the original raises ValueError)."""
+    import json
+
+    from PIL import Image
+
+    from datasets.labels import GTA5_LABEL_IDS, unknown_gta5_ids
+
+    oracle = json.loads((Path(__file__).parent / "data" / "gta5_encoding_original.json").read_text())
+    table = {int(k): v for k, v in oracle["encoded"].items()}
+    assert sorted(table) == list(GTA5_LABEL_IDS)
+    assert unknown_gta5_ids(np.arange(256, dtype=np.uint8)) == oracle["rejected"]
+    assert unknown_gta5_ids(np.arange(256, dtype=np.int64)) == oracle["rejected"]
+
+    root = Path(_copy_tree(synth["gta5"], tmp_path / "g"))
+    label_file = root / "labels" / "00001.png"
+    g = np.random.default_rng(0)
+    ids = g.choice(np.array(sorted(table), dtype=np.uint8), size=(SIZE[1], SIZE[0]))
+    mixed = np.array(oracle["mixed_ids"], dtype=np.uint8)
+    ids[: mixed.shape[0], : mixed.shape[1]] = mixed
+    Image.fromarray(ids).save(label_file)
+    want = np.vectorize(table.get)(ids).astype(np.uint8)
+    np.testing.assert_array_equal(want[: mixed.shape[0], : mixed.shape[1]], oracle["mixed_encoded"])
+
+    whole = GTA5Dataset(str(root), img_size=SIZE, augment=None, file_list=["00001.png"])
+    np.testing.assert_array_equal(whole[0]["label"].numpy(), want)
+    aug = JointAugment(resize=SIZE[0], crop_wh=(64, 32), hflip=0.0)
+    cropped = GTA5Dataset(str(root), img_size=SIZE, augment=aug, seed=3, file_list=["00001.png"])[0]
+    ys, ye, xs, xe = cropped["crop_box"].tolist()
+    h, w = cropped["resized_hw"].tolist()
+    resized = np.asarray(Image.fromarray(ids).resize((w, h), Image.NEAREST))  # the original's label resize
+    np.testing.assert_array_equal(cropped["label"].numpy(), np.vectorize(table.get)(resized[ys:ye, xs:xe]))
+
+    for bad in (35, 99, 249, 251, 255):
+        broken = ids.copy()
+        broken[5, 7] = bad  # one pixel
+        Image.fromarray(broken).save(label_file)
+        with pytest.raises(DatasetError, match=rf"^{label_file}: label ids {bad} are not GTA5 label ids"):
+            GTA5Dataset(str(root), img_size=SIZE, augment=None, file_list=["00001.png"])[0]
+
+
 def test_cityscapes_train_and_val(synth: dict[str, str]) -> None:
     aug = JointAugment(resize=100, crop_wh=(48, 32))
     tr = CityscapesDataset(synth["cityscapes"], "train", img_size=SIZE, augment=aug)

@@ -38,12 +38,14 @@ def phase1_args(data, ckpt: Path, snapshot: Path, *extra: str) -> list[str]:
 # the resume test (its uninterrupted reference).
 RUN_A = ["--batch-size", "2", "--num-workers", "2", "--num-steps", "4", "--save-pred-every", "2",
          "--save_latest_every", "2", "--print-every", "1"]
+PHASE1_TB_TAGS = ("loss_seg", "loss_adv_src", "loss_adv_tgt", "loss_D1", "loss_D2", "loss_st")  # the original's
 
 
 @pytest.fixture(scope="module")
 def run_a(synthetic_data, sourceonly_ckpt, tmp_path_factory):
     snapshot = tmp_path_factory.mktemp("phase1_A")
-    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snapshot, *RUN_A, "--num-steps-stop", "4"))
+    proc = run_script(phase1_args(synthetic_data, sourceonly_ckpt, snapshot, *RUN_A, "--num-steps-stop", "4",
+                                  "--tensorboard"))
     yield snapshot, proc
     shutil.rmtree(snapshot, ignore_errors=True)  # ~1 GB of checkpoints
 
@@ -83,6 +85,73 @@ def test_single_process_outputs(run_a) -> None:
     for m in metrics:
         for k in ("loss_seg", "loss_st", "loss_adv_src", "loss_adv_tgt", "loss_D1", "loss_D2"):
             assert math.isfinite(m[k]), (k, m)
+
+
+def original_loss_val(ckpt: dict, data, batch_size: int) -> float:
+    """The original's validation loss (its ``validate``), written out here: the target branch of
+    ``ckpt`` in eval mode on every Cityscapes val image in file order, ``batch_size`` at a time;
+    per batch ``nn.CrossEntropyLoss(ignore_index=250)`` of the logits upsampled (bilinear,
+    align_corners) to the label, then the AverageMeter average weighted by the batch's images."""
+    from PIL import Image
+
+    from tests.helpers import LABEL_ID_OF_TRAIN_ID
+
+    net = DecoupleNet(layer=1, decoupled=False, aux=False)
+    net.load_official(ckpt)
+    net.eval()
+    root = Path(data["cityscapes"])
+    images = sorted((root / "leftImg8bit" / "val").rglob("*.png"))
+    assert len(images) >= 2
+    seg_loss = torch.nn.CrossEntropyLoss(ignore_index=250)
+    total, count = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        imgs, labels = [], []
+        for path in images[start:start + batch_size]:
+            imgs.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255)
+            rel = path.relative_to(root / "leftImg8bit" / "val")
+            ids = np.asarray(Image.open(root / "gtFine" / "val" / str(rel).replace("_leftImg8bit", "_gtFine_labelIds")))
+            train = np.full(ids.shape, 250, dtype=np.int64)
+            for train_id, label_id in enumerate(LABEL_ID_OF_TRAIN_ID):
+                train[ids == label_id] = train_id
+            labels.append(torch.from_numpy(train))
+        x, y = torch.stack(imgs), torch.stack(labels)
+        with torch.no_grad():
+            out = torch.nn.functional.interpolate(net(x), size=y.shape[-2:], mode="bilinear", align_corners=True)
+            loss = seg_loss(out, y)
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+    return total / count
+
+
+def test_tensorboard_has_the_original_tags_and_loss_val(run_a, synthetic_data) -> None:
+    """--tensorboard writes the original's six loss scalars under its tags at step 0 (every 10
+    iterations: none at 1..3), each once, and at the validation of iteration 2 its ``miou_val``
+    and ``loss_val``; ``loss_val`` (also in the log and in metrics.jsonl) is the original's
+    validation cross entropy, recomputed here from the best checkpoint of that validation."""
+    from tests.helpers import tensorboard_scalars
+
+    snapshot, _ = run_a
+    scalars = tensorboard_scalars(snapshot)
+    metrics = {m["iter"]: m for m in read_metrics(snapshot)}
+    for tag in PHASE1_TB_TAGS:
+        assert [step for step, _ in scalars.get(tag, [])] == [0], (tag, scalars.get(tag))
+        assert scalars[tag][0][1] == pytest.approx(metrics[0][tag], rel=1e-6), tag  # tensorboard keeps float32
+    assert not [t for t in scalars if t.startswith(("train/loss", "val/"))], sorted(scalars)
+    assert {"train/total", "train/pseudo_kept", "lr/model", "lr/D1", "lr/D2", "thresholds/road"} <= set(scalars)
+    assert [s for s, _ in scalars["val_iou/road"]] == [2]
+    assert [s for s, _ in scalars["miou_val"]] == [s for s, _ in scalars["loss_val"]] == [2]
+
+    (best,) = snapshot.glob("GTA5_2_*.pth")
+    assert metrics[2]["miou_val"] == pytest.approx(float(best.name[len("GTA5_2_"):-len(".pth")]), rel=1e-12)
+    assert "loss_val" not in metrics[1] and "loss_val" not in metrics[3]
+    want = original_loss_val(torch.load(best, map_location="cpu", weights_only=True), synthetic_data, batch_size=2)
+    assert math.isfinite(want) and want > 0
+    assert metrics[2]["loss_val"] == pytest.approx(want, rel=1e-5)
+    assert scalars["loss_val"][0][1] == pytest.approx(want, rel=1e-5)
+    assert scalars["miou_val"][0][1] == pytest.approx(metrics[2]["miou_val"], rel=1e-6)
+    log = (snapshot / "phase1.log").read_text()
+    (line,) = re.findall(r"iter 2 validation: loss_val = (\S+)", log)
+    assert float(line) == pytest.approx(want, abs=1e-5)
 
 
 def test_resume_is_bit_identical(run_a, synthetic_data, sourceonly_ckpt, tmp_path) -> None:

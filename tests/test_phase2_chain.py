@@ -125,6 +125,25 @@ def test_readme_chain_files_have_ordinary_modes(chain) -> None:
     assert np.load(chain["thresholds"]).dtype == np.float32
 
 
+def test_readme_chain_tensorboard_has_the_original_tags(chain) -> None:
+    """Phase 1 and phase 2 of the chain (--tensorboard, 2 iterations): the original's loss scalars
+    under its tags at step 0 only (every 10 iterations), with the logged values, and no second
+    copy under train/."""
+    from tests.helpers import tensorboard_scalars
+
+    snaps = chain["phase1_ckpt"].parent.parent
+    for snap, tags in ((snaps / "GTA2Cityscapes_phase1",
+                        ("loss_seg", "loss_adv_src", "loss_adv_tgt", "loss_D1", "loss_D2", "loss_st")),
+                       (chain["phase2_snapshot"], ("loss_seg", "loss_src_seg"))):
+        scalars = tensorboard_scalars(snap)
+        first = read_metrics(snap)[0]
+        for tag in tags:
+            assert [step for step, _ in scalars.get(tag, [])] == [0], (snap.name, tag, scalars.get(tag))
+            assert scalars[tag][0][1] == pytest.approx(first[tag], rel=1e-6), (snap.name, tag)
+        assert not [t for t in scalars if t.startswith(("train/loss", "val/"))], sorted(scalars)
+        assert {"train/total", "lr/model"} <= set(scalars), sorted(scalars)
+
+
 def test_readme_chain_reports_pseudo_label_quality(chain, synthetic_data) -> None:
     """The synthetic target train images have ground truth: every stage reports against it."""
     import torch.nn.functional as F

@@ -267,3 +267,19 @@ def test_check_missing_roots(tmp_path):
     proc = _run("datasets.check", "--src_rootpath", str(tmp_path / "a"), "--tgt_rootpath", str(tmp_path / "b"))
     assert proc.returncode == 1
     assert len(_problems(proc)) == 2
+
+
+def test_check_gta5_label_ids_the_loader_stops_on(tree):
+    """A GTA5 label id other than 0..34 and 250 is a problem (the loader, like the original's, stops on
+    it); ids 34 and 250 are ignore, not a problem."""
+    labels = tree / "gta5" / "labels"
+    bad, fine = labels / "00002.png", labels / "00003.png"
+    for path, value in ((bad, 40), (fine, 34)):
+        ids = np.array(Image.open(path))
+        ids[0, 0], ids[0, 1] = value, 250
+        Image.fromarray(ids).save(path)
+    proc = _check(tree)
+    assert proc.returncode == 1
+    problems = _problems(proc)
+    assert [p for p in problems if str(bad) in p and "label ids 40 " in p], proc.stdout
+    assert not [p for p in problems if str(fine) in p], proc.stdout

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,32 +284,67 @@ class _Stage:
 
 
 def _saved_ranks(n: int) -> list[dict]:
-    """``n`` ranks' parts with distinct RNG states, class banks and BatchNorm statistics."""
+    """``n`` ranks' parts with distinct RNG states (torch, Python ``random``, NumPy), class banks
+    and BatchNorm statistics. Each part also holds, under ``"next"``, what its generators draw
+    right after the save (what the uninterrupted run would draw next)."""
     from engine.state import local_state
 
     ranks = []
     for r in range(n):
         torch.manual_seed(100 + r)
+        random.seed(200 + r)
+        np.random.seed(300 + r)
         bn = torch.nn.BatchNorm1d(3)
         bn.running_mean.fill_(float(r))
-        ranks.append(local_state({"model": bn}, {"bank": torch.full((2,), float(r))}, r))
+        part = local_state({"model": bn}, {"bank": torch.full((2,), float(r))}, r)
+        part["next"] = _draws()
+        ranks.append(part)
     return ranks
+
+
+def _draws() -> dict:
+    """The next values of the three generators (advances them)."""
+    return {"torch": torch.rand(3).tolist(), "python": [random.random() for _ in range(3)],
+            "numpy": np.random.rand(3).tolist()}
+
+
+def _disturb() -> dict:
+    """Move every generator away from any saved state (as a resumed run's start-up would), and
+    return what they would draw next from there (what a restore that forgot one would give)."""
+    torch.manual_seed(7)
+    random.seed(8)
+    np.random.seed(9)
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    draws = _draws()
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+    return draws
 
 
 @pytest.mark.parametrize("world, rank, source, fresh_rng", [(2, 1, 1, False), (1, 0, 0, False), (3, 2, 0, True)])
 def test_restore_local_state_picks_this_ranks_part(world, rank, source, fresh_rng) -> None:
+    """Rank ``rank`` of ``world`` takes saved rank ``source``'s banks and buffers, and its torch,
+    Python and NumPy generators (each changed after the save and before the restore): the draws
+    after the restore are the saved rank's next draws; a rank beyond the saved ones keeps its own."""
     from engine.state import restore_local_state
     from utils.distributed import DistEnv
 
     ranks = _saved_ranks(2)
     stage, bn = _Stage(), torch.nn.BatchNorm1d(3)
-    torch.manual_seed(7)
+    own = _disturb()
     before = torch.get_rng_state()
     note = restore_local_state({"ranks": ranks}, stage, {"model": bn}, DistEnv(rank=rank, world_size=world))
     assert torch.equal(stage.loaded["bank"], torch.full((2,), float(source)))
     assert torch.equal(bn.running_mean, torch.full((3,), float(source)))
     expected_rng = before if fresh_rng else ranks[source]["rng"]["torch"]
     assert torch.equal(torch.get_rng_state(), expected_rng)
+    got = _draws()
+    want = own if fresh_rng else ranks[source]["next"]
+    for name in ("torch", "python", "numpy"):
+        assert got[name] == want[name], name
+    if not fresh_rng:
+        assert own["python"] != want["python"] and own["numpy"] != want["numpy"]  # the check can tell
     if world == 2:
         assert note == ""
     else:
@@ -316,16 +353,38 @@ def test_restore_local_state_picks_this_ranks_part(world, rank, source, fresh_rn
 
 
 def test_restore_local_state_reads_a_rank0_only_state() -> None:
-    """A ``decouplenet-training-state/1`` file (rank 0's parts only, no ``ranks``)."""
+    """A ``decouplenet-training-state/1`` file (rank 0's parts only, no ``ranks``): its torch,
+    Python and NumPy generator states come back too."""
     from engine.state import restore_local_state
     from utils.distributed import DistEnv
 
     (part,) = _saved_ranks(1)
     stage, bn = _Stage(), torch.nn.BatchNorm1d(3)
+    _disturb()
     note = restore_local_state({"rng": part["rng"], "stage_state": part["stage_state"]}, stage, {"model": bn},
                                DistEnv(rank=0, world_size=1))
     assert note == "" and torch.equal(stage.loaded["bank"], torch.zeros(2))
     assert torch.equal(torch.get_rng_state(), part["rng"]["torch"])
+    assert _draws() == part["next"]
+
+
+def test_restore_from_a_saved_file_gives_back_python_and_numpy_draws(tmp_path: Path) -> None:
+    """Through ``latest.pth``'s own round trip (``torch.save``, ``torch.load(weights_only=True)``):
+    after the save, ``random`` and ``np.random`` are changed; after the restore they draw what
+    they drew right after the save."""
+    from engine.state import restore_local_state
+    from utils.distributed import DistEnv
+
+    ranks = _saved_ranks(1)
+    next_draws = ranks[0].pop("next")
+    torch.save({"ranks": ranks}, tmp_path / "state.pth")
+    state = torch.load(tmp_path / "state.pth", map_location="cpu", weights_only=True)
+    own = _disturb()
+    restore_local_state(state, _Stage(), {"model": torch.nn.BatchNorm1d(3)}, DistEnv())
+    got = _draws()
+    assert got["python"] == next_draws["python"] != own["python"]
+    assert got["numpy"] == next_draws["numpy"] != own["numpy"]
+    assert got["torch"] == next_draws["torch"]
 
 
 # ---------------------------------------------------------------------------- DataLoader workers
