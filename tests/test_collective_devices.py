@@ -192,7 +192,7 @@ def test_every_stage_s_collectives_were_seen(recorded) -> None:
         "generate_soft_labels",  # written-files count, soft-label intersections and unions
         "all_ranks_agree",       # whether every rank has target ground truth
         "setup_run", "train",    # barriers
-        "compute_miou",          # validation
+        "evaluate",              # validation (engine.validation.evaluate)
         "pseudo_labels",         # phase 1's class thresholds
         "train_step",            # losses and pseudo-label counts
         "training_state",        # latest.pth: every rank's own state gathered
