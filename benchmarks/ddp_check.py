@@ -1,4 +1,4 @@
-"""DDP / NCCL check through the real launchers (README "Reliability"), bounded by ``--budget``.
+"""DDP / NCCL check through the real launchers (docs/RELIABILITY.md), bounded by ``--budget``.
 
 For a lent GPU machine (NCCL; ``benchmarks/gpu_ddp_check.sh``) or the CPU (gloo). On generated
 data (128x64 images), under ``torchrun --nproc_per_node N`` (N = 1 on a one-GPU machine: the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second prepared GPU command (README "Reliability", docs/BENCHMARKS.md "GPU"): DDP with NCCL
+# The second prepared GPU command (docs/RELIABILITY.md, docs/BENCHMARKS.md "GPU"): DDP with NCCL
 # through the real launchers, at most 3 minutes all in (the numbers after `limit` add up to at most
 # BUDGET_S; tests/test_benchmarks.py checks it). Under torchrun, one rank per GPU (one rank on a
 # one-GPU machine still creates the NCCL process group and the DDP wrapper, so every collective

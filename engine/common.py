@@ -22,7 +22,7 @@ class RunError(RuntimeError):
 
 # The oldest releases the code runs on: torch.amp.GradScaler(device) (fp16 training and the
 # scaler of every run) arrived in torch 2.3, nn.Module.compile in 2.2; torchvision 0.18 is the
-# release built for torch 2.3 (requirements.txt, README "Install and test").
+# release built for torch 2.3 (requirements.txt, README "Quick start").
 MIN_TORCH = (2, 3)
 MIN_TORCHVISION = (0, 18)
 

@@ -68,7 +68,7 @@ class Config:
 # gap 0.5: the target's colour / lighting / noise / blur difference at half the generator's default, so
 # that the source-only model is not at chance level (about 19 vs 5 mIoU after 100 iterations).
 # bn_only_steps: phase 2 rerun with learning rate 0, a diagnostic of why phase 2 falls below phase 1 here
-# (README, "Quick start"); 40 iterations renew the BN running statistics (momentum 0.1) many times over.
+# (docs/DEMO.md); 40 iterations renew the BN running statistics (momentum 0.1) many times over.
 FULL = Config(size=(160, 80), crop=(96, 48), num_source=48, num_target_train=24, num_target_val=12, batch=2,
               steps=(100, 40, 80), lr=(1e-3, 1e-3, 2.5e-4), samples=3, gap=0.5, bn_only_steps=40)
 QUICK = Config(size=(64, 32), crop=(64, 32), num_source=4, num_target_train=2, num_target_val=2, batch=2,

@@ -1,6 +1,6 @@
 """Distributed helpers: one process, ``--dist --gpus`` spawning, or ``torchrun`` (``env://``).
 
-Failure handling (see README "Reliability"):
+Failure handling (see docs/RELIABILITY.md):
 
 * every collective has a timeout (``--dist_timeout``), so a rank that stops answering ends the
   job instead of hanging it;
