@@ -45,14 +45,7 @@ fi
 exec > >(tee -a "$OUTDIR/gpu_check.txt") 2>&1
 TEE=$!
 
-limit() {  # limit SECONDS COMMAND...: run it, at most SECONDS (x SCALE), and say how it ended
-  local seconds=$(($1 * SCALE))
-  shift
-  timeout "$seconds" "$@"
-  local rc=$?
-  if [ "$rc" = 124 ]; then echo "   (stopped at its ${seconds}-s limit)"; elif [ "$rc" != 0 ]; then echo "   (exit $rc)"; fi
-  return 0
-}
+. benchmarks/gpu_limit.sh  # limit SECONDS COMMAND...
 build_tools() {  # what Triton compiles its kernels with (the inductor backend only)
   [ "$BACKEND" != inductor ] || { command -v cc >/dev/null 2>&1 && [ -f "${PYINC:-}/Python.h" ]; }
 }

@@ -30,14 +30,7 @@ fi
 exec > >(tee -a "$OUTDIR/gpu_ddp_check.txt") 2>&1
 TEE=$!
 
-limit() {  # limit SECONDS COMMAND...: run it, at most SECONDS (x SCALE), and say how it ended
-  local seconds=$(($1 * SCALE))
-  shift
-  timeout "$seconds" "$@"
-  local rc=$?
-  if [ "$rc" = 124 ]; then echo "   (stopped at its ${seconds}-s limit)"; elif [ "$rc" != 0 ]; then echo "   (exit $rc)"; fi
-  return 0
-}
+. benchmarks/gpu_limit.sh  # limit SECONDS COMMAND...
 
 echo "== gpu_ddp_check $(date -u +%FT%TZ), device $DEV, into $OUTDIR"
 # --budget below the limit: the check ends its own runs and prints its summary before the limit

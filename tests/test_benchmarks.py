@@ -136,7 +136,9 @@ def test_gpu_scripts_fit_their_budgets() -> None:
             budget_flag = re.search(r"--budget \$\(\((\d+) \* SCALE\)\)", ln)
             if budget_flag:  # the check's own budget ends before its limit, so its summary is printed
                 assert int(budget_flag.group(1)) < int(re.search(r"\blimit (\d+) ", ln).group(1))
-        assert 'timeout "$seconds" "$@"' in text
+        assert ". benchmarks/gpu_limit.sh" in text, f"{script}: does not source limit()"
+    limit_fn = (Path(REPO) / "benchmarks/gpu_limit.sh").read_text(encoding="utf-8")
+    assert 'timeout "$seconds" "$@"' in limit_fn and "$(($1 * SCALE))" in limit_fn
 
 
 def _run_tiny(script: str, out: Path) -> str:
