@@ -168,7 +168,8 @@ def test_gpu_check_runs_every_command_at_tiny_sizes(tmp_path) -> None:
     rows = [json.loads(line) for line in (out / "bench_step.jsonl").read_text().splitlines()]
     measured = {(r["step"], r["config"]) for r in rows}
     # the grid (fp16 is bf16 on the CPU), the TF32 trio, the compile run: each step printed as measured
-    want = {(f"phase{p} ours", c) for p in (1, 2) for c in ("bf16", "bf16+channels_last", "bf16+cudnn_benchmark")}
+    want = {(f"phase{p} ours", c) for p in (1, 2) for c in ("bf16", "bf16+channels_last", "bf16+cudnn_benchmark",
+                                                                 "bf16+fused_off")}
     want |= {("phase1 ours", c) for c in ("off", "off+tf32_on", "off+tf32_off", "bf16+channels_last+compile")}
     assert measured == want, measured ^ want
     for step, config in want:
