@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference_rules import reference_update
 from engine.optim import set_lr
-from engine.options import build_parser, finalize
 from model import upsample
+from stages.options import build_parser, finalize
 from utils.distributed import DistEnv
 
 CANDIDATES = ("original", "ours", "ours --activation_checkpointing")

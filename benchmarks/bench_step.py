@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference_rules import reference_update
 from engine.network import configure_backends
-from engine.options import build_parser, finalize
 from model import upsample
+from stages.options import build_parser, finalize
 from utils.distributed import DistEnv
 
 

@@ -23,11 +23,23 @@ from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
 from engine.optim import autocast
+from engine.options import ArgumentGroup
 from engine.trainer import PassObjective, Stage
 from model import DecoupleNet, upsample
 from stages.losses import cross_entropy
 from stages.pseudo_quality import make_monitor
 from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
+
+# train_phase2.py's own defaults of shared flags (engine.options.add_shared_arguments): the original's.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                 "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"}
+
+
+def add_arguments(group: ArgumentGroup) -> None:
+    """Phase 2's flags: its inputs (soft labels, class thresholds) and the source loss weight."""
+    group.add_argument("--soft_labels_folder", default="")
+    group.add_argument("--thresholds_path", default="")
+    group.add_argument("--src_loss_weight", type=float, default=1.0)
 
 
 def load_thresholds(path: str, num_classes: int) -> np.ndarray:

@@ -107,7 +107,7 @@ def _parsed(stage: str, *argv: str):
     """Options through the scripts' own parser. ``world_size`` is what the launcher gives every
     rank (``utils.distributed.init_distributed``: one process per ``--gpus`` entry under
     ``--dist``); tests/test_phase1_train.py checks it through a real two-process run."""
-    from engine.options import parse_args
+    from stages.options import parse_args
 
     args = parse_args(stage, "", list(argv))
     args.world_size = len(args.gpus) if args.dist else 1

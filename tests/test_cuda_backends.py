@@ -21,8 +21,8 @@ import engine.validation
 import stages.evaluation
 import stages.soft_labels
 from engine.network import backend_settings, prepare_for_inference, prepare_for_training
-from engine.options import build_parser, parse_args
 from model import DecoupleNet
+from stages.options import build_parser, parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 

@@ -15,8 +15,8 @@ import torch
 
 import stages.evaluation
 import stages.soft_labels
-from engine.options import parse_args
 from model import DecoupleNet
+from stages.options import parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 

@@ -243,7 +243,7 @@ def run_passes(stage, it: int, batch: tuple) -> dict[str, torch.Tensor]:
 
 def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterations: int) -> list[float]:
     """Phase2Stage.step (forward only) on the wiring data: pseudo_acc of each iteration."""
-    from engine.options import parse_args
+    from stages.options import parse_args
     from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
 
@@ -282,7 +282,7 @@ def test_wiring_test_catches_a_miswired_carry(kind, wiring_data, sourceonly_ckpt
 @pytest.mark.parametrize("script", ["phase1", "phase2"])
 def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt, tmp_path) -> None:
     """One iteration with and without --no_pseudo_eval: the same losses, bit for bit (forward only)."""
-    from engine.options import parse_args
+    from stages.options import parse_args
     from stages.phase1 import Phase1Stage
     from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
@@ -379,8 +379,8 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     flipped when the sample was flipped, each written out here with ``F.interpolate`` and slicing.
     The soft-label wiring test cannot see this map (its large one-hot soft labels decide the fused
     label), so a flip or crop box missing at the call site would pass it; this test fails then."""
-    from engine.options import parse_args
     from stages import phase2
+    from stages.options import parse_args
     from utils.distributed import DistEnv
 
     seen: dict = {}
