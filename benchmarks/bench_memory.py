@@ -65,7 +65,6 @@ def make_args(phase: str, crop: tuple[int, int], batch: int, saver: bool, device
     if saver:
         argv.append("--activation_checkpointing")
     args = finalize(build_parser(stage, "bench").parse_args(argv), stage)
-    args.world_size = 1
     return args
 
 

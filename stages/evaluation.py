@@ -16,7 +16,7 @@ from datasets.loader import workers_per_rank
 from engine.common import LOG, RunError, per_rank
 from engine.network import build_network, prepare_for_inference
 from engine.options import ArgumentGroup, OptionError
-from engine.validation import compute_miou, sample_figure
+from engine.validation import EvalSettings, compute_miou, sample_figure
 from utils import distributed as du
 from utils.checkpoint import atomic_write
 from utils.metrics import format_iou_table, miou_subsets
@@ -59,7 +59,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
     dataset = CityscapesDataset(args.tgt_rootpath, split=args.split, img_size=args.tgt_img_size, augment=None,
                                 num_classes=args.num_classes)
     loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
-                          workers_per_rank(args, env))
+                          workers_per_rank(args.num_workers, env))
     net = prepare_for_inference(build_network(args, decoupled=False, aux=False), env, args)
     save_dir = args.save_dir
     if save_dir:
@@ -79,7 +79,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
             fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
             cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
 
-    iou, miou, _ = compute_miou(net, loader, env, args, desc=f"evaluate {args.split}", scales=tuple(args.scales),
+    iou, miou, _ = compute_miou(net, loader, env, EvalSettings.from_args(args), desc=f"evaluate {args.split}", scales=tuple(args.scales),
                                 flip=args.flip, on_batch=save if save_dir else None)
     names = class_names(args.num_classes)
     result = {"checkpoint": args.resume, "split": args.split, "images": len(dataset), "scales": list(args.scales),

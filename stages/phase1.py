@@ -208,7 +208,7 @@ class Phase1Stage(Stage):
         self.d1, self.d2 = inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
 
-        adam = optimizer_kernels(args, env.device)
+        adam = optimizer_kernels(args.fused_optimizers, env.device)
         self.optimizers.update({
             "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
@@ -244,7 +244,8 @@ class Phase1Stage(Stage):
     def batches(self, start_iter: int):
         args = self.args
         target = target_train_dataset(args)
-        self.pseudo_monitor = make_monitor(target, args, self.env, LOG)
+        self.pseudo_monitor = make_monitor(target, args.num_classes, args.ignore_label, self.env, LOG,
+                                           no_pseudo_eval=args.no_pseudo_eval)
         return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir), target)
 
     def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:

@@ -110,7 +110,8 @@ class Phase2Stage(Stage):
 
         self.target_set = target_train_dataset(args, soft_labels=True)
 
-        self.pseudo_monitor = make_monitor(self.target_set, args, env, LOG)
+        self.pseudo_monitor = make_monitor(self.target_set, args.num_classes, args.ignore_label, env, LOG,
+                                           no_pseudo_eval=args.no_pseudo_eval)
         w, h = args.tgt_img_size
         self.target_set.check_soft_labels(args.num_classes, (h // 8 + (h % 8 > 0), w // 8 + (w % 8 > 0)))
         self.train_objective(Phase2Objective(self.build_net(decoupled=False, aux=False), args))

@@ -88,11 +88,11 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
         # --batch-size, not --batch_size_val: the original labels the images with its target
         # *train* loader, whose per-GPU batch is --batch-size // world size.
         loader = shard_loader(dataset, per_rank(args.batch_size, env, "--batch-size"), env,
-                              workers_per_rank(args, env))
+                              workers_per_rank(args.num_workers, env))
         with torch.no_grad():
             for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):
-                x = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
-                with inference_autocast(args, env.device):
+                x = to_device_image(batch["img"], env.device, use_channels_last(args.channels_last, env.device))
+                with inference_autocast(args.inference_amp, env.device):
                     logits = net(x)
                 if with_gt:
                     label = to_device_label(batch["label"], env.device)

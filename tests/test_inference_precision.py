@@ -42,7 +42,6 @@ def _args(stage: str, ckpt: Path, snapshot: Path, *extra: str):
     args = parse_args(stage, "", ["--cpu", "--quiet", "--tgt_rootpath", str(TINY), "--tgt_img_size", "192,96",
                                   "--resume", str(ckpt), "--num-workers", "0", "--batch_size_val", "1",
                                   "--snapshot-dir", str(snapshot), *extra])
-    args.world_size = 1
     return args
 
 

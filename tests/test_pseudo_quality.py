@@ -248,7 +248,6 @@ def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterat
     from utils.distributed import DistEnv
 
     args = parse_args("phase2", "test", [*flags, "--resume", str(resume), "--snapshot-dir", str(snapshot)])
-    args.world_size = 1
     stage = Phase2Stage(args, DistEnv())
     stage.build()
     assert stage.pseudo_monitor is not None
@@ -295,7 +294,6 @@ def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt,
         (tmp_path / script).mkdir(exist_ok=True)
         args = parse_args(script, "test", [*flags, *extra, "--resume", str(sourceonly_ckpt), "--num-steps", "1",
                                            "--num-steps-stop", "1", "--snapshot-dir", str(tmp_path / script)])
-        args.world_size = 1
         torch.manual_seed(0)
         stage = stage_class(args, DistEnv())
         stage.build()
@@ -336,14 +334,13 @@ def test_ground_truth_is_all_or_nothing(wiring_data, tmp_path) -> None:
     next(city.glob("gtFine/train/*/*.png")).unlink()
     partial = CityscapesDataset(city, "train", img_size=(IMG_W, IMG_H), augment=aug, train_labels=True)
     assert not partial.has_labels and partial.labels_missing == 1 and "label" not in partial[(0, 1)]
-    args = SimpleNamespace(no_pseudo_eval=False, num_classes=19, ignore_label=IGNORE)
     messages = []
     log = SimpleNamespace(info=lambda msg, *a: messages.append(msg % a))
-    assert make_monitor(partial, args, DistEnv(), log) is None
+    assert make_monitor(partial, 19, IGNORE, DistEnv(), log) is None
     assert "1 of 4 train images have no gtFine label" in messages[-1]
-    assert make_monitor(full, args, DistEnv(), logging.getLogger("test")) is not None
-    args.no_pseudo_eval = True
-    assert make_monitor(full, args, DistEnv(), log) is None and "--no_pseudo_eval" in messages[-1]
+    assert make_monitor(full, 19, IGNORE, DistEnv(), logging.getLogger("test")) is not None
+    assert make_monitor(full, 19, IGNORE, DistEnv(), log, no_pseudo_eval=True) is None
+    assert "--no_pseudo_eval" in messages[-1]
 
 
 # ---------------------------------------------------------------------------- threshold report
@@ -398,7 +395,6 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     monkeypatch.setattr(phase2, "fuse_pseudo_labels", fuse)
     args = parse_args("phase2", "test", [*wiring_data["flags"], "--resume", str(sourceonly_ckpt),
                                          "--snapshot-dir", str(tmp_path)])
-    args.world_size = 1
     stage = phase2.Phase2Stage(args, DistEnv())
     stage.build()
     batches = stage.batches(0)
