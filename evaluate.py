@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from engine.launch import main_entry, setup_run, training_worker
-from engine.options import parse_args
 from stages.evaluation import run_evaluation
+from stages.options import parse_args
 
 
 def worker(env, args: Any) -> None:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from engine.launch import main_entry, seed_everything, setup_run, training_worker
-from engine.options import parse_args
+from stages.options import parse_args
 from stages.soft_labels import generate_soft_labels
 
 

@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from engine.launch import main_entry, seed_everything, setup_run, training_worker
-from engine.options import parse_args
 from engine.trainer import run_stage
+from stages.options import parse_args
 from stages.phase2 import Phase2Stage
 
 

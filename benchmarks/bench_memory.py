@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.reference_rules import reference_update
 from engine.optim import set_lr
-from engine.options import build_parser, finalize
 from model import upsample
+from stages.options import build_parser, finalize
 from utils.distributed import DistEnv
 
 CANDIDATES = ("original", "ours", "ours --activation_checkpointing")
@@ -65,7 +65,6 @@ def make_args(phase: str, crop: tuple[int, int], batch: int, saver: bool, device
     if saver:
         argv.append("--activation_checkpointing")
     args = finalize(build_parser(stage, "bench").parse_args(argv), stage)
-    args.world_size = 1
     return args
 
 

@@ -39,10 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import engine.network
 from benchmarks.reference_rules import reference_update
 from engine.network import configure_backends
-from engine.options import build_parser, finalize
 from model import upsample
+from stages.options import build_parser, finalize
 from utils.distributed import DistEnv
 
 
@@ -235,7 +236,7 @@ def make_args(device: str, crop: tuple[int, int], batch: int, config: str, compi
         if mod in c["mods"]:
             argv += flags
     args = finalize(build_parser("phase1", "bench").parse_args(argv), "phase1")
-    args.compile_backend = compile_backend
+    engine.network.COMPILE_BACKEND = compile_backend  # this process's backend of --compile
     return args
 
 
@@ -246,7 +247,7 @@ def build_step(name: str, args, env: DistEnv):
     if name.startswith("phase1 ours"):
         return phase1_ours(args, env)[0]
     if name == "phase1 straightforward":
-        configure_backends(args, env.device)  # what prepare_for_training does for ours
+        configure_backends(args.tf32, args.cudnn_benchmark, env.device)  # what prepare_for_training does for ours
         return phase1_straightforward(args, env)
     return phase2_ours(args, env)
 

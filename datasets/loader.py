@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -43,5 +41,6 @@ def to_device_label(label: Tensor, device: torch.device) -> Tensor:
     return label.to(device, non_blocking=True).long()
 
 
-def workers_per_rank(args: Any, env: du.DistEnv) -> int:
-    return max(0, args.num_workers // env.world_size)
+def workers_per_rank(num_workers: int, env: du.DistEnv) -> int:
+    """A rank's share of ``--num-workers`` (the total over ranks, as the original divides it)."""
+    return max(0, num_workers // env.world_size)

@@ -18,7 +18,7 @@ import torch
 
 from datasets.errors import DatasetError
 from engine.common import LOG, NonFiniteLossError, RunError, check_versions
-from engine.options import OptionError
+from engine.options import TRAINING_STAGES, OptionError
 from engine.state import resolve_resume_from
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, atomic_write, remove_stale_temp_files
@@ -73,7 +73,7 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     named on the command line that every rank needs (``--resume``) are checked first, before
     anything is written.
     """
-    debug = getattr(args, "debug", False)
+    debug = args.debug
     try:
         check_versions()
         check_start_files(args)
@@ -113,14 +113,13 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
 def _run_guarded(fn: Callable[[du.DistEnv, Any], None], spawn_rank: int, args: Any) -> None:
     env = du.init_distributed(spawn_rank, args)
     try:
-        args.world_size = env.world_size
         fn(env, args)
     except RuntimeError as exc:
         lost = du.peer_failure(exc)
         if lost is None:
             raise
         du.abandon()  # the peers are gone: do not wait for them
-        if getattr(args, "debug", False):
+        if args.debug:
             raise
         if spawn_rank >= 0:  # a victim of another rank's failure: the launcher names the culprit
             sys.exit(du.EXIT_PEER_LOST)
@@ -138,13 +137,11 @@ def training_worker(fn: Callable[[du.DistEnv, Any], None]) -> Callable[[int, Any
 
 
 # ---------------------------------------------------------------------------- run set-up
-TRAINING_STAGES = ("phase1", "phase2", "source_only")
 
 
-def require_resume_file(args: Any) -> None:
-    """A non-empty ``--resume`` (given or the script's default) must be a file: one line naming
-    the flag and the path otherwise. An empty ``--resume`` is left to the caller."""
-    path = getattr(args, "resume", "")
+def require_resume_file(path: str) -> None:
+    """A non-empty ``--resume`` ``path`` (given or the script's default) must be a file: one line
+    naming the flag and the path otherwise. An empty ``--resume`` is left to the caller."""
     if path and not os.path.isfile(path):
         raise RunError(f"--resume {path}: file not found (pass the checkpoint to start from with --resume PATH)")
 
@@ -155,10 +152,9 @@ def check_start_files(args: Any) -> None:
     ``--resume`` is needed unless a training stage continues from a training state
     (``--resume_from``), which supplies every weight.
     """
-    if getattr(args, "stage", None) in TRAINING_STAGES and getattr(args, "resume_from", "") and \
-            resolve_resume_from(args) is not None:
+    if args.stage in TRAINING_STAGES and args.resume_from and resolve_resume_from(args) is not None:
         return
-    require_resume_file(args)
+    require_resume_file(args.resume)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -172,7 +168,8 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
     """Create the snapshot folder, the rank-0 log file and the tensorboard writer.
 
-    Returns the tensorboardX writer (or ``None``). Resolved arguments go to ``args.json``.
+    Returns the tensorboardX writer (or ``None``). The resolved arguments and the world size go
+    to ``<name>_args.json``.
     """
     folder = args.snapshot_dir
     stale: list[str] = []
@@ -199,16 +196,18 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
         fh = logging.FileHandler(os.path.join(folder, f"{name}.log"), encoding="utf-8")
         fh.setFormatter(fmt)
         LOG.addHandler(fh)
+        # world_size: from the environment, where <name>_args.json has always had it
         record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+        record["world_size"] = env.world_size
         atomic_write(os.path.join(folder, f"{name}_args.json"),
                      lambda f: f.write(json.dumps(record, indent=2, sort_keys=True, default=str)), mode="w")
-        if getattr(args, "tensorboard", False):
+        if args.tensorboard:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(folder)
     group = torch.distributed.get_backend() if env.group else "none"
     LOG.info("%s: rank %d/%d on %s, process group %s, amp=%s (training), inference_amp=%s", name, env.rank,
-             env.world_size, env.device, group, getattr(args, "amp", "off"), getattr(args, "inference_amp", "off"))
+             env.world_size, env.device, group, args.amp, args.inference_amp)
     for path in stale:
         LOG.info("removed stale temporary file %s", path)
     return writer

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -18,10 +18,11 @@ from utils import distributed as du
 from utils.checkpoint import safe_load
 
 
-def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = False,
+def build_network(args: argparse.Namespace, decoupled: bool, aux: bool, skip_weights: bool = False,
                   checkpoint_hook: Callable[[dict], None] | None = None,
                   after_backbone: Callable[[], object] | None = None) -> DecoupleNet:
-    """A DecoupleNet with weights from ``--resume`` (any official layout) or the ImageNet file.
+    """A DecoupleNet (``--num-classes``, ``--layer``, ``--hidden_dim``, ``--freeze_bn``) with
+    weights from ``--resume`` (any official layout) or the ImageNet file (``--imagenet``).
 
     ``skip_weights``: a training state (``--resume_from``) will supply every weight, so neither
     ``--resume`` nor the ImageNet file is read. A ``--resume`` file that does not exist is a
@@ -38,7 +39,7 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
     if skip_weights:
         LOG.info("weights come from the training state (--resume_from)")
     elif args.resume:
-        require_resume_file(args)
+        require_resume_file(args.resume)
         ckpt = safe_load(args.resume)
         layout = net.load_official(ckpt, origin=args.resume)
         LOG.info("weights from %s (%s layout)", args.resume, layout)
@@ -49,6 +50,11 @@ def build_network(args: Any, decoupled: bool, aux: bool, skip_weights: bool = Fa
         LOG.info("--resume is empty: backbone from ImageNet weights %s; ASPP head and classifier(s) "
                  "freshly initialised", args.imagenet)
     return net
+
+
+# The torch.compile backend of --compile. Not a flag: benchmarks and tests may set it for the
+# process (e.g. "eager", dynamo's capture without code generation, quick on the CPU).
+COMPILE_BACKEND = "inductor"
 
 
 def compile_network(net: DecoupleNet, backend: str = "inductor") -> list[str]:
@@ -64,12 +70,12 @@ def compile_network(net: DecoupleNet, backend: str = "inductor") -> list[str]:
     return names
 
 
-def use_channels_last(args: Any, device: torch.device) -> bool:
-    """Whether ``--channels_last`` applies on ``device``: CUDA only (network and input images)."""
-    return bool(getattr(args, "channels_last", False)) and device.type == "cuda"
+def use_channels_last(requested: bool, device: torch.device) -> bool:
+    """Whether ``--channels_last`` (``requested``) applies on ``device``: CUDA only (network and input images)."""
+    return bool(requested) and device.type == "cuda"
 
 
-def backend_settings(args: Any) -> dict[str, bool | None]:
+def backend_settings(tf32: str, cudnn_benchmark: bool) -> dict[str, bool | None]:
     """The CUDA backend flags a run sets (``None``: left as PyTorch has it, which is the original's).
 
     * ``cudnn_benchmark``: ``True`` with ``--cudnn_benchmark``; otherwise untouched (PyTorch's
@@ -77,9 +83,8 @@ def backend_settings(args: Any) -> dict[str, bool | None]:
     * ``cudnn_tf32`` / ``matmul_tf32``: ``--tf32 on`` allows TensorFloat-32 in both, ``off`` in
       neither; ``default`` leaves PyTorch's choice (convolutions TF32, matmuls float32).
     """
-    tf32 = getattr(args, "tf32", "default")
     allow = {"on": True, "off": False}.get(tf32)
-    return {"cudnn_benchmark": True if getattr(args, "cudnn_benchmark", False) else None,
+    return {"cudnn_benchmark": True if cudnn_benchmark else None,
             "cudnn_tf32": allow, "matmul_tf32": allow}
 
 
@@ -92,8 +97,9 @@ def _describe_backends() -> str:
     return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 set by other code"
 
 
-def configure_backends(args: Any, device: torch.device) -> str | None:
-    """Apply :func:`backend_settings` on a CUDA ``device`` (process-wide flags); a no-op on the CPU.
+def configure_backends(tf32: str, cudnn_benchmark: bool, device: torch.device) -> str | None:
+    """Apply :func:`backend_settings` (``--tf32``, ``--cudnn_benchmark``) on a CUDA ``device``
+    (process-wide flags); a no-op on the CPU.
 
     The legacy ``allow_tf32`` switches are used on every torch version: on torch 2.14 they give no
     deprecation warning, they exist on the oldest supported torch, and mixing them with the newer
@@ -102,7 +108,7 @@ def configure_backends(args: Any, device: torch.device) -> str | None:
     """
     if device.type != "cuda":
         return None
-    wanted = backend_settings(args)
+    wanted = backend_settings(tf32, cudnn_benchmark)
     if wanted["cudnn_benchmark"] is not None:
         torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
     if wanted["cudnn_tf32"] is not None:
@@ -112,7 +118,7 @@ def configure_backends(args: Any, device: torch.device) -> str | None:
     return _describe_backends()
 
 
-def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
+def prepare_for_training(module: nn.Module, env: du.DistEnv, args: argparse.Namespace,
                          find_unused_parameters: bool = False) -> nn.Module:
     """Move to the device; on CUDA the backend switches (:func:`configure_backends`: cuDNN
     autotuning only with ``--cudnn_benchmark``, as the original leaves it off), channels_last and,
@@ -126,21 +132,21 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
     passes.
     """
     module = module.to(env.device)
-    described = configure_backends(args, env.device)
+    described = configure_backends(args.tf32, args.cudnn_benchmark, env.device)
     if described:
         LOG.info("CUDA backends: %s", described)
-    if use_channels_last(args, env.device):
+    if use_channels_last(args.channels_last, env.device):
         module = module.to(memory_format=torch.channels_last)
     # One rank's SyncBatchNorm falls back to plain batch norm: the same numbers, the original's module.
     if env.group and env.device.type == "cuda" and not args.freeze_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     nets = [m for m in module.modules() if isinstance(m, DecoupleNet)]
-    if getattr(args, "activation_checkpointing", False):
+    if args.activation_checkpointing:
         for net in nets:
             LOG.info("activation checkpointing: %s", ", ".join(net.set_activation_checkpointing(True)))
-    if getattr(args, "compile", False):
+    if args.compile:
         for net in nets:
-            LOG.info("torch.compile: %s", ", ".join(compile_network(net, compile_backend(args))))
+            LOG.info("torch.compile: %s", ", ".join(compile_network(net, COMPILE_BACKEND)))
     if env.group:
         ids = [env.device.index] if env.device.type == "cuda" else None
         with warnings.catch_warnings():  # its replacement would sync buffers at init; we keep them per rank
@@ -151,27 +157,21 @@ def prepare_for_training(module: nn.Module, env: du.DistEnv, args: Any,
     return module
 
 
-def prepare_for_inference(net: DecoupleNet, env: du.DistEnv, args: Any) -> DecoupleNet:
+def prepare_for_inference(net: DecoupleNet, env: du.DistEnv, args: argparse.Namespace) -> DecoupleNet:
     """The network of ``evaluate.py`` and ``generate_soft_label.py``: on the device in eval mode,
     the CUDA backend switches (:func:`configure_backends`), channels_last weights with
     ``--channels_last`` on CUDA (the input images follow, :func:`use_channels_last`, so no
     convolution converts layouts) and ``--compile`` (:func:`compile_network`, in place)."""
     net = net.to(env.device).eval()
-    described = configure_backends(args, env.device)
+    described = configure_backends(args.tf32, args.cudnn_benchmark, env.device)
     if described:
         LOG.info("CUDA backends: %s", described)
-    if use_channels_last(args, env.device):
+    if use_channels_last(args.channels_last, env.device):
         net = net.to(memory_format=torch.channels_last)
-    if getattr(args, "compile", False):
+    if args.compile:
         LOG.info("torch.compile (inference; the first batches include the compilation): %s",
-                 ", ".join(compile_network(net, compile_backend(args))))
+                 ", ".join(compile_network(net, COMPILE_BACKEND)))
     return net
-
-
-def compile_backend(args: Any) -> str:
-    """The ``torch.compile`` backend: inductor; benchmarks and tests may set ``args.compile_backend``
-    (e.g. ``"eager"``, dynamo's capture without code generation, quick on the CPU)."""
-    return str(getattr(args, "compile_backend", None) or "inductor")
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -1,4 +1,7 @@
-"""Command-line options shared by every script (docs/METHOD.md section 7).
+"""Command-line options shared by every script (docs/METHOD.md section 7): run, data, model,
+optimisation, the trainer's flags and the original's ignored ones. The flags of one phase live
+beside its stage (``add_arguments`` in ``stages/phase1.py``, ...); ``stages/options.py`` builds
+each script's parser from both.
 
 Every flag of the original keeps its name, default and meaning, except ``--thresholds_path``
 of phase 2, which has no default (the original's ``avg`` names no file). Flags the original has
@@ -10,24 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Mapping
 
 import torch
 
-STAGES = ("phase1", "phase2", "soft_label", "source_only", "evaluate")
+# What add_argument_group returns; each stage adds its flags to one (argparse names the class privately).
+ArgumentGroup = argparse._ArgumentGroup
 
-DEFAULTS = {
-    "phase1": {"learning_rate": 2.5e-4, "num_steps": 93750, "num_steps_stop": 60000,
-               "clrjit_params": "0.0,0.0,0.0,0.0", "resume": "./pretrained/sourceonly.pth"},
-    "phase2": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
-               "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"},
-    # The schedule and jitter flags are not used when writing soft labels; the values are the original's.
-    "soft_label": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
-                   "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"},
-    "source_only": {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
-                    "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
-    "evaluate": {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,
-                 "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""},
-}
+TRAINING_STAGES = ("phase1", "phase2", "source_only")  # the scripts that run engine.trainer
 
 IGNORED = [
     ("--model", str, "DeepLab"), ("--lambda-seg", float, 0.1), ("--lambda-adv-target1", float, 0.0002),
@@ -58,12 +51,19 @@ def _size(text: str, flag: str) -> tuple[int, int]:
     return w, h
 
 
-def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
-    """The parser of one script; ``stage`` is one of :data:`STAGES`."""
-    d = DEFAULTS[stage]
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """An empty parser whose ``--help`` shows every default."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_shared_arguments(p: argparse.ArgumentParser, d: Mapping[str, object], training: bool) -> None:
+    """The flags every script shares (groups run, data, model, optimisation).
+
+    ``d``: the script's own defaults of ``--learning-rate``, ``--num-steps``,
+    ``--num-steps-stop``, ``--clrjit_params`` and ``--resume`` (each stage module's
+    ``FLAG_DEFAULTS``). ``training``: also the trainer's flags (``--activation_checkpointing``,
+    ``--fused_optimizers``, ``--max_skipped_steps``), which only the training scripts have.
+    """
     g = p.add_argument_group("run")
     g.add_argument("--snapshot-dir", dest="snapshot_dir", default="./snapshots/",
                    help="folder for logs, checkpoints, tensorboard")
@@ -109,7 +109,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                         "float32: what the original gets); on = both in TF32; off = both in full float32 "
                         "(slower). Acts on float32 work only: --amp off, --inference_amp off, and the "
                         "float32 parts of autocast")
-    if stage in ("phase1", "phase2", "source_only"):
+    if training:
         g.add_argument("--activation_checkpointing", action="store_true",
                        help="recompute the activations of layer2..layer4 in the backward instead of keeping "
                             "them: much less GPU memory for about one more forward of the body; same updates")
@@ -170,48 +170,22 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--save_latest_every", type=int, default=None,
                    help="iterations between full training states latest.pth (default --save-pred-every)")
     g.add_argument("--resume_from", default="", help="continue a run: PATH of latest.pth or 'auto'")
-    g = p.add_argument_group("phase 1")
-    g.add_argument("--gan", default="LS", choices=["LS", "Vanilla"])
-    g.add_argument("--lambda_adv_src", type=float, default=0.1)
-    g.add_argument("--lambda_adv_tgt", type=float, default=0.01)
-    g.add_argument("--lambda_st", type=float, default=0.1)
-    g.add_argument("--conf_bank_length", type=int, default=100000)
-    g.add_argument("--conf_p", type=float, default=0.8)
-    g = p.add_argument_group("phase 2 / soft labels")
-    g.add_argument("--soft_labels_folder", default="")
-    g.add_argument("--thresholds_path", default="")
-    g.add_argument("--src_loss_weight", type=float, default=1.0)
-    g.add_argument("--output_folder", default="")
-    g.add_argument("--skip_existing", action="store_true", help="soft labels: keep files already written")
-    g.add_argument("--soft_label_dtype", default="float32", choices=["float32", "float16"])
-    if stage == "evaluate":
-        g = p.add_argument_group("evaluation")
-        g.add_argument("--split", default="val", choices=["val", "train", "test"], help="Cityscapes split")
-        g.add_argument("--scales", default="1.0", help="comma-separated test scales, e.g. 0.75,1.0,1.25")
-        g.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-        g.add_argument("--save_dir", default="",
-                       help="write trainId, Cityscapes labelId, colour and side-by-side PNGs here")
-        g.add_argument("--results_json", default="", help="results JSON (default <snapshot-dir>/results.json)")
+
+
+def add_ignored_arguments(p: argparse.ArgumentParser) -> None:
+    """The original's flags that it never reads: accepted and ignored (hidden from ``--help``
+    but for the group's one line naming them)."""
     g = p.add_argument_group("ignored", "flags of the original that it never reads; accepted, ignored")
     for flag, typ, default in IGNORED:
         g.add_argument(flag, type=typ, default=default, help=argparse.SUPPRESS)
     for flag in IGNORED_FLAGS:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.description = "ignored flags of the original: " + " ".join(f for f, _, _ in IGNORED) + " " + " ".join(IGNORED_FLAGS)
-    del a
-    return p
 
 
-def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
-    """Parse compound values and check them; raises :class:`OptionError` naming the flag."""
-    args.stage = stage
-    if isinstance(getattr(args, "scales", None), str):
-        try:
-            args.scales = tuple(float(v) for v in args.scales.split(","))
-        except ValueError:
-            raise OptionError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
-        if not args.scales or min(args.scales) <= 0:
-            raise OptionError(f"--scales: scales must be positive, got {args.scales}")
+def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namespace:
+    """Parse the shared flags' compound values and check them (``training``: also the trainer's
+    flags); raises :class:`OptionError` naming the flag. Each stage checks its own flags after."""
     try:
         args.gpus = [int(v) for v in str(args.gpus).split(",") if v.strip() != ""]
     except ValueError:
@@ -245,24 +219,15 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         raise OptionError(f"--num-workers: must be >= 0, got {args.num_workers}")
     # --num-steps-stop > --num-steps is accepted, as the original: training then ends with the
     # schedule (engine.trainer.stop_iteration) and a WARNING line says so.
-    # --conf_p 0 is the original's "highest confidence of the bank" (index 0 of the descending
-    # sort); 1 or more makes the original's index run past the bank (IndexError), a negative
-    # value makes it count from the bank's end.
-    if not 0.0 <= args.conf_p < 1.0:
-        raise OptionError(f"--conf_p: must be in [0, 1), got {args.conf_p}")
     if args.save_latest_every is None:
         args.save_latest_every = args.save_pred_every
     if args.save_latest_every <= 0:
         raise OptionError(f"--save_latest_every: must be positive, got {args.save_latest_every}")
-    if getattr(args, "max_skipped_steps", 0) < 0:
-        raise OptionError(f"--max_skipped_steps: must be >= 0 (0: never stop), got {args.max_skipped_steps}")
-    if getattr(args, "fused_optimizers", "auto") == "on" and (args.cpu or not torch.cuda.is_available()) \
-            and major_minor(torch.__version__) < (2, 4):
-        raise OptionError(f"--fused_optimizers on: the CPU's fused kernels need torch >= 2.4, this is "
-                          f"{torch.__version__}; use auto or off")
+    if training:
+        _check_training_arguments(args)
     if args.num_classes not in (19, 16, 13):
         raise OptionError(f"--num-classes: must be 19, 16 or 13, got {args.num_classes}")
-    if getattr(args, "activation_checkpointing", False) and args.compile:
+    if training and args.activation_checkpointing and args.compile:
         raise OptionError("--activation_checkpointing: cannot be combined with --compile; use one of them")
     if args.amp is None:
         args.amp = "fp16" if torch.cuda.is_available() and not args.cpu else "off"
@@ -273,10 +238,10 @@ def finalize(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     return args
 
 
-def parse_args(stage: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(stage, description)
-    args = parser.parse_args(argv)
-    try:
-        return finalize(args, stage)
-    except OptionError as exc:
-        parser.exit(2, f"error: {exc}\n")
+def _check_training_arguments(args: argparse.Namespace) -> None:
+    if args.max_skipped_steps < 0:
+        raise OptionError(f"--max_skipped_steps: must be >= 0 (0: never stop), got {args.max_skipped_steps}")
+    if args.fused_optimizers == "on" and (args.cpu or not torch.cuda.is_available()) \
+            and major_minor(torch.__version__) < (2, 4):
+        raise OptionError(f"--fused_optimizers on: the CPU's fused kernels need torch >= 2.4, this is "
+                          f"{torch.__version__}; use auto or off")

@@ -3,6 +3,7 @@ resume from. The :class:`engine.trainer.Trainer` writes and restores it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from typing import Any
@@ -134,14 +135,16 @@ def restore_local_state(state: dict, stage: Any, modules: dict[str, nn.Module], 
             f"bit-identically to an uninterrupted one")
 
 
-def plain_args(args: Any) -> dict:
-    """Arguments as plain values (loadable with ``weights_only=True``)."""
+def plain_args(args: argparse.Namespace, world_size: int) -> dict:
+    """Arguments as plain values (loadable with ``weights_only=True``), with the run's world
+    size (the "args" entry of ``latest.pth`` has always held it)."""
     out = {}
     for k, v in vars(args).items():
         if isinstance(v, (tuple, list)):
             v = list(v)
         if v is None or isinstance(v, (bool, int, float, str, list)):
             out[k] = v
+    out["world_size"] = world_size
     return out
 
 
@@ -150,7 +153,7 @@ def find_latest(folder: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def resolve_resume_from(args: Any) -> str | None:
+def resolve_resume_from(args: argparse.Namespace) -> str | None:
     """``--resume_from auto`` -> ``<snapshot>/latest.pth`` if present; an explicit path must exist."""
     if not args.resume_from:
         return None

@@ -34,7 +34,7 @@ from engine.state import (
     resolve_resume_from,
     restore_local_state,
 )
-from engine.validation import evaluate, sample_figure, val_loader
+from engine.validation import EvalSettings, evaluate, sample_figure, val_loader
 from model import DecoupleNet
 from utils import distributed as du
 from utils.checkpoint import CheckpointError, atomic_save, injected_fault, safe_load
@@ -126,8 +126,9 @@ class Stage:
         function of its key, so the batches do not depend on the number of workers.
         """
         args, env = self.args, self.env
-        workers = max(0, workers_per_rank(args, env) // len(datasets))
-        streams = [stream(d, self.batch, env, args, start_iter * args.iter_size, workers) for d in datasets]
+        workers = max(0, workers_per_rank(args.num_workers, env) // len(datasets))
+        streams = [stream(d, self.batch, env, args.random_seed, not args.noshuffle, start_iter * args.iter_size, workers)
+                   for d in datasets]
         while True:
             yield tuple(next(s) for s in streams)
 
@@ -159,7 +160,7 @@ class Trainer:
         self.env = stage.env
         self.writer = writer
         self.val_loader = val_loader
-        self.scaler = grad_scaler(self.args, self.env.device)
+        self.scaler = grad_scaler(self.args.amp, self.env.device)
         self.loss_scale: float | None = None  # fp16: the loss scale of the current iteration (host copy)
         self.skipped_steps = 0  # fp16: consecutive iterations whose optimizer steps the scaler skipped
         self.quality: dict[str, float | int | None] = {}  # the pseudo-label entries of the current iteration
@@ -199,7 +200,7 @@ class Trainer:
             "rng": ranks[0]["rng"],
             "world_size": len(ranks),
             "ranks": ranks,
-            "args": plain_args(self.args),
+            "args": plain_args(self.args, self.env.world_size),
         }
 
     def restore(self, path: str) -> None:
@@ -271,7 +272,7 @@ class Trainer:
         log; ``miou_val`` and ``loss_val`` in tensorboard under the original's tags, at step ``it``,
         with our per-class IoU (``val_iou/<class>``) and sample figure (``val/sample``). Returns
         ``{"miou_val": ..., "loss_val": ...}``."""
-        result = evaluate(self.stage.net, self.val_loader, self.env, self.args)
+        result = evaluate(self.stage.net, self.val_loader, self.env, EvalSettings.from_args(self.args))
         scores = {"miou_val": float(result.miou), "loss_val": float(result.loss)}
         if self.env.is_main:
             names = class_names(self.args.num_classes)
@@ -404,7 +405,7 @@ class Trainer:
         if previous is None:
             return
         self.skipped_steps = self.skipped_steps + 1 if scale < previous else 0
-        limit = getattr(self.args, "max_skipped_steps", 0)
+        limit = self.args.max_skipped_steps
         if limit and self.skipped_steps >= limit:
             n = self.skipped_steps
             raise NonFiniteLossError(
@@ -476,7 +477,7 @@ class Trainer:
         (:meth:`save_checkpoints`); after the last one its line, the final checkpoint and the
         training state (see :func:`stop_iteration` for a ``--num-steps-stop`` beyond
         ``--num-steps``)."""
-        stop, final = stop_iteration(self.args)
+        stop, final = stop_iteration(self.args.num_steps, self.args.num_steps_stop)
         batches = self.stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
                        quiet=self.args.quiet)
@@ -541,7 +542,7 @@ def peak_memory_text(device: torch.device) -> str:
     return "" if mib is None else f", peak GPU memory {mib:.0f} MiB"
 
 
-def stop_iteration(args: Any) -> tuple[int, bool]:
+def stop_iteration(num_steps: int, num_steps_stop: int) -> tuple[int, bool]:
     """``(iterations, final)``: how many iterations a run makes and whether the last one writes the
     final ``GTA5_<num_steps_stop>.pth``.
 
@@ -550,15 +551,15 @@ def stop_iteration(args: Any) -> tuple[int, bool]:
     schedule and writes no final file: the best checkpoints ``GTA5_<iter>_<miou>.pth`` are then
     the run's result.
     """
-    if args.num_steps_stop <= args.num_steps:
-        return args.num_steps_stop, True
-    return args.num_steps, False
+    if num_steps_stop <= num_steps:
+        return num_steps_stop, True
+    return num_steps, False
 
 
 def run_stage(stage: Stage, writer: Any, with_validation: bool = True) -> Trainer:
     """Build the stage, restore ``--resume_from`` if given, and train."""
     args = stage.args
-    if not stop_iteration(args)[1] and stage.env.is_main:
+    if not stop_iteration(args.num_steps, args.num_steps_stop)[1] and stage.env.is_main:
         LOG.warning("--num-steps-stop %d is larger than --num-steps %d: as the original, training runs the %d "
                     "iterations of the schedule and writes no final %s_%d.pth (the best checkpoints "
                     "%s_<iter>_<miou>.pth are the result)", args.num_steps_stop, args.num_steps, args.num_steps,
@@ -571,7 +572,7 @@ def run_stage(stage: Stage, writer: Any, with_validation: bool = True) -> Traine
         trainer.restore(path)
     elif stage.args.resume_from == "auto":
         LOG.info("--resume_from auto: no %s in %s, starting fresh", LATEST, stage.args.snapshot_dir)
-    if trainer.start_iter >= stop_iteration(stage.args)[0]:
+    if trainer.start_iter >= stop_iteration(args.num_steps, args.num_steps_stop)[0]:
         LOG.info("nothing to do: the training state is already at iteration %d", trainer.start_iter)
         return trainer
     trainer.train()

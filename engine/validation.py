@@ -3,10 +3,10 @@ sample figure."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +23,23 @@ from engine.optim import inference_autocast
 from model import DecoupleNet
 from utils import distributed as du
 from utils.metrics import intersection_and_union, mean_iou
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate` reads of the options: the class count, the ignore label,
+    ``--inference_amp``, ``--channels_last`` (applied on CUDA only) and ``--quiet``."""
+
+    num_classes: int
+    ignore_label: int
+    inference_amp: str = "off"
+    channels_last: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalSettings:
+        return cls(num_classes=args.num_classes, ignore_label=args.ignore_label, inference_amp=args.inference_amp,
+                   channels_last=args.channels_last, quiet=args.quiet)
 
 
 @dataclass
@@ -47,7 +64,7 @@ class Evaluation:
     sample: dict
 
 
-def tta_probabilities(net: torch.nn.Module, img: Tensor, out_hw: tuple[int, int] | torch.Size, args: Any,
+def tta_probabilities(net: torch.nn.Module, img: Tensor, out_hw: tuple[int, int] | torch.Size, inference_amp: str,
                       device: torch.device, scales: tuple[float, ...] = (1.0,), flip: bool = False,
                       plain: Callable[[Tensor], None] | None = None) -> Tensor:
     """The class scores whose argmax is the prediction of ``img`` (docs/METHOD.md section 7).
@@ -63,7 +80,7 @@ def tta_probabilities(net: torch.nn.Module, img: Tensor, out_hw: tuple[int, int]
         x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
         for mirrored in (False, True) if flip else (False,):
             xi = torch.flip(x, dims=(3,)) if mirrored else x
-            with inference_autocast(args, device):
+            with inference_autocast(inference_amp, device):
                 logits = net(xi)
             logits = F.interpolate(logits.float(), size=tuple(out_hw), mode="bilinear", align_corners=True)
             if mirrored:
@@ -91,7 +108,7 @@ def add_batch_loss(sums: Tensor, logits: Tensor, label: Tensor, ignore_index: in
 
 
 @torch.no_grad()
-def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, settings: EvalSettings, desc: str = "val",
              scales: tuple[float, ...] = (1.0,), flip: bool = False,
              on_batch: Callable[[dict, Tensor], None] | None = None) -> Evaluation:
     """Target-branch mIoU and validation loss over ``loader`` (docs/METHOD.md section 3), each
@@ -106,17 +123,20 @@ def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, d
     """
     was_training = net.training
     net.eval()
-    inter = torch.zeros(args.num_classes, dtype=torch.float64, device=env.device)
+    num_classes, ignore_label = settings.num_classes, settings.ignore_label
+    channels_last = use_channels_last(settings.channels_last, env.device)
+    inter = torch.zeros(num_classes, dtype=torch.float64, device=env.device)
     union = torch.zeros_like(inter)
     loss_sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # sum of batch loss x images, images
     sample: dict = {}
-    for batch in progress(loader, desc=desc, env=env, quiet=args.quiet):
-        img = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
+    for batch in progress(loader, desc=desc, env=env, quiet=settings.quiet):
+        img = to_device_image(batch["img"], env.device, channels_last)
         label = to_device_label(batch["label"], env.device)
-        add_loss = functools.partial(add_batch_loss, loss_sums, label=label, ignore_index=args.ignore_label)
-        prob = tta_probabilities(net, img, label.shape[-2:], args, env.device, scales, flip, plain=add_loss)
+        add_loss = functools.partial(add_batch_loss, loss_sums, label=label, ignore_index=ignore_label)
+        prob = tta_probabilities(net, img, label.shape[-2:], settings.inference_amp, env.device, scales, flip,
+                                 plain=add_loss)
         pred = prob.argmax(1)
-        i, u, _ = intersection_and_union(pred, label, args.num_classes, args.ignore_label)
+        i, u, _ = intersection_and_union(pred, label, num_classes, ignore_label)
         inter += i.to(inter)
         union += u.to(union)
         if on_batch is not None:
@@ -132,11 +152,11 @@ def evaluate(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, d
     return Evaluation(iou=iou, miou=miou, loss=total / images if images else float("nan"), sample=sample)
 
 
-def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, args: Any, desc: str = "val",
+def compute_miou(net: DecoupleNet, loader: DataLoader, env: du.DistEnv, settings: EvalSettings, desc: str = "val",
                  scales: tuple[float, ...] = (1.0,), flip: bool = False,
                  on_batch: Callable[[dict, Tensor], None] | None = None) -> tuple[np.ndarray, float, dict]:
     """:func:`evaluate` as ``(iou_per_class, miou, sample)``."""
-    result = evaluate(net, loader, env, args, desc=desc, scales=scales, flip=flip, on_batch=on_batch)
+    result = evaluate(net, loader, env, settings, desc=desc, scales=scales, flip=flip, on_batch=on_batch)
     return result.iou, result.miou, result.sample
 
 
@@ -155,8 +175,9 @@ def sample_figure(sample: dict) -> np.ndarray:
     return np.concatenate([img, label, pred], axis=1)
 
 
-def val_loader(args: Any, env: du.DistEnv) -> DataLoader:
-    """Cityscapes val, sharded without padding over ranks."""
+def val_loader(args: argparse.Namespace, env: du.DistEnv) -> DataLoader:
+    """Cityscapes val (``--tgt_rootpath``, ``--tgt_img_size``), ``--batch_size_val`` sharded
+    without padding over ranks."""
 
     return shard_loader(target_val_dataset(args), per_rank(args.batch_size_val, env, "--batch_size_val"), env,
-                        min(2, workers_per_rank(args, env)))
+                        min(2, workers_per_rank(args.num_workers, env)))

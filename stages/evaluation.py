@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from argparse import Namespace
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,36 @@ from datasets.labels import class_names, colorize, decode_train_ids
 from datasets.loader import workers_per_rank
 from engine.common import LOG, RunError, per_rank
 from engine.network import build_network, prepare_for_inference
-from engine.validation import compute_miou, sample_figure
+from engine.options import ArgumentGroup, OptionError
+from engine.validation import EvalSettings, compute_miou, sample_figure
 from utils import distributed as du
 from utils.checkpoint import atomic_write
 from utils.metrics import format_iou_table, miou_subsets
+
+# evaluate.py's defaults of shared flags (engine.options.add_shared_arguments); it does not train.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 1, "num_steps_stop": 1,
+                 "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""}
+
+
+def add_arguments(group: ArgumentGroup) -> None:
+    """``evaluate.py``'s flags: the split, the test-time augmentation and the outputs."""
+    group.add_argument("--split", default="val", choices=["val", "train", "test"], help="Cityscapes split")
+    group.add_argument("--scales", default="1.0", help="comma-separated test scales, e.g. 0.75,1.0,1.25")
+    group.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    group.add_argument("--save_dir", default="",
+                       help="write trainId, Cityscapes labelId, colour and side-by-side PNGs here")
+    group.add_argument("--results_json", default="", help="results JSON (default <snapshot-dir>/results.json)")
+
+
+def check_arguments(args: Namespace) -> None:
+    """``--scales`` as a tuple of positive floats; :class:`OptionError` naming the flag otherwise."""
+    if isinstance(args.scales, str):
+        try:
+            args.scales = tuple(float(v) for v in args.scales.split(","))
+        except ValueError:
+            raise OptionError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
+        if not args.scales or min(args.scales) <= 0:
+            raise OptionError(f"--scales: scales must be positive, got {args.scales}")
 
 
 def run_evaluation(args: Any, env: du.DistEnv) -> dict:
@@ -32,7 +59,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
     dataset = CityscapesDataset(args.tgt_rootpath, split=args.split, img_size=args.tgt_img_size, augment=None,
                                 num_classes=args.num_classes)
     loader = shard_loader(dataset, per_rank(args.batch_size_val, env, "--batch_size_val"), env,
-                          workers_per_rank(args, env))
+                          workers_per_rank(args.num_workers, env))
     net = prepare_for_inference(build_network(args, decoupled=False, aux=False), env, args)
     save_dir = args.save_dir
     if save_dir:
@@ -52,7 +79,7 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
             fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
             cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
 
-    iou, miou, _ = compute_miou(net, loader, env, args, desc=f"evaluate {args.split}", scales=tuple(args.scales),
+    iou, miou, _ = compute_miou(net, loader, env, EvalSettings.from_args(args), desc=f"evaluate {args.split}", scales=tuple(args.scales),
                                 flip=args.flip, on_batch=save if save_dir else None)
     names = class_names(args.num_classes)
     result = {"checkpoint": args.resume, "split": args.split, "images": len(dataset), "scales": list(args.scales),

@@ -8,6 +8,7 @@ original does (its six backward calls become three; the gradients are the same s
 
 from __future__ import annotations
 
+from argparse import Namespace
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
 from engine.optim import autocast, optimizer_kernels
+from engine.options import ArgumentGroup, OptionError
 from engine.trainer import PassObjective, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import STEM_CHANNELS, load_group_state
@@ -34,6 +36,29 @@ from utils.thresholds import OnlineClassThresholds
 TEMPERATURE = 1.8
 SOURCE_LABEL = 0.0  # discriminator label of the source domain
 TARGET_LABEL = 1.0  # discriminator label of the target domain
+
+# train_phase1.py's own defaults of shared flags (engine.options.add_shared_arguments): the original's.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 93750, "num_steps_stop": 60000,
+                 "clrjit_params": "0.0,0.0,0.0,0.0", "resume": "./pretrained/sourceonly.pth"}
+
+
+def add_arguments(group: ArgumentGroup) -> None:
+    """Phase 1's flags: the GAN loss, the loss weights and the online thresholds (docs/METHOD.md section 3)."""
+    group.add_argument("--gan", default="LS", choices=["LS", "Vanilla"])
+    group.add_argument("--lambda_adv_src", type=float, default=0.1)
+    group.add_argument("--lambda_adv_tgt", type=float, default=0.01)
+    group.add_argument("--lambda_st", type=float, default=0.1)
+    group.add_argument("--conf_bank_length", type=int, default=100000)
+    group.add_argument("--conf_p", type=float, default=0.8)
+
+
+def check_arguments(args: Namespace) -> None:
+    """Raise :class:`OptionError` for a phase-1 value the method cannot use."""
+    # --conf_p 0 is the original's "highest confidence of the bank" (index 0 of the descending
+    # sort); 1 or more makes the original's index run past the bank (IndexError), a negative
+    # value makes it count from the bank's end.
+    if not 0.0 <= args.conf_p < 1.0:
+        raise OptionError(f"--conf_p: must be in [0, 1), got {args.conf_p}")
 
 
 def gan_loss(kind: str, out: Tensor, label: float) -> Tensor:
@@ -183,7 +208,7 @@ class Phase1Stage(Stage):
         self.d1, self.d2 = inner.d1, inner.d2
         self.extra_modules = {"D1": self.d1, "D2": self.d2}
 
-        adam = optimizer_kernels(args, env.device)
+        adam = optimizer_kernels(args.fused_optimizers, env.device)
         self.optimizers.update({
             "D1": (torch.optim.Adam(self.d1.parameters(), lr=args.learning_rate_D, betas=(0.9, 0.99), **adam),
                    args.learning_rate_D),
@@ -219,7 +244,8 @@ class Phase1Stage(Stage):
     def batches(self, start_iter: int):
         args = self.args
         target = target_train_dataset(args)
-        self.pseudo_monitor = make_monitor(target, args, self.env, LOG)
+        self.pseudo_monitor = make_monitor(target, args.num_classes, args.ignore_label, self.env, LOG,
+                                           no_pseudo_eval=args.no_pseudo_eval)
         return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir), target)
 
     def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:

@@ -23,11 +23,23 @@ from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
 from engine.optim import autocast
+from engine.options import ArgumentGroup
 from engine.trainer import PassObjective, Stage
 from model import DecoupleNet, upsample
 from stages.losses import cross_entropy
 from stages.pseudo_quality import make_monitor
 from utils.pseudo_labels import carry_to_crop, fuse_pseudo_labels, online_prediction_to_crop
+
+# train_phase2.py's own defaults of shared flags (engine.options.add_shared_arguments): the original's.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                 "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"}
+
+
+def add_arguments(group: ArgumentGroup) -> None:
+    """Phase 2's flags: its inputs (soft labels, class thresholds) and the source loss weight."""
+    group.add_argument("--soft_labels_folder", default="")
+    group.add_argument("--thresholds_path", default="")
+    group.add_argument("--src_loss_weight", type=float, default=1.0)
 
 
 def load_thresholds(path: str, num_classes: int) -> np.ndarray:
@@ -98,7 +110,8 @@ class Phase2Stage(Stage):
 
         self.target_set = target_train_dataset(args, soft_labels=True)
 
-        self.pseudo_monitor = make_monitor(self.target_set, args, env, LOG)
+        self.pseudo_monitor = make_monitor(self.target_set, args.num_classes, args.ignore_label, env, LOG,
+                                           no_pseudo_eval=args.no_pseudo_eval)
         w, h = args.tgt_img_size
         self.target_set.check_soft_labels(args.num_classes, (h // 8 + (h % 8 > 0), w // 8 + (w % 8 > 0)))
         self.train_objective(Phase2Objective(self.build_net(decoupled=False, aux=False), args))

@@ -208,14 +208,16 @@ def all_ranks_agree(flag: bool, env: du.DistEnv) -> bool:
     return int(count.item()) == env.world_size
 
 
-def make_monitor(dataset: Any, args: Any, env: du.DistEnv, log: Any) -> PseudoLabelMonitor | None:
-    """A monitor when every rank's target training set carries ground truth, else None.
+def make_monitor(dataset: Any, num_classes: int, ignore_label: int, env: du.DistEnv, log: Any,
+                 no_pseudo_eval: bool = False) -> PseudoLabelMonitor | None:
+    """A monitor when every rank's target training set carries ground truth, else None (also
+    with ``--no_pseudo_eval``).
 
     ``dataset.has_labels`` says whether the set found a label for every image (all or
     nothing); the ranks agree on it (one small all-reduce at start-up) so that ``collect``
     runs on all of them or on none.
     """
-    if getattr(args, "no_pseudo_eval", False):
+    if no_pseudo_eval:
         log.info("--no_pseudo_eval: target ground truth not read; no pseudo-label accuracy")
         return None
     if not all_ranks_agree(bool(getattr(dataset, "has_labels", False)), env):
@@ -225,4 +227,4 @@ def make_monitor(dataset: Any, args: Any, env: du.DistEnv, log: Any) -> PseudoLa
         return None
 
     log.info("pseudo_acc: %s", MONITOR_NOTE)
-    return PseudoLabelMonitor(args.num_classes, args.ignore_label, env.device, class_names(args.num_classes))
+    return PseudoLabelMonitor(num_classes, ignore_label, env.device, class_names(num_classes))

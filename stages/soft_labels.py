@@ -16,11 +16,23 @@ from datasets.loader import to_device_image, to_device_label, workers_per_rank
 from engine.common import LOG, RunError, per_rank, progress
 from engine.network import build_network, prepare_for_inference, use_channels_last
 from engine.optim import inference_autocast
+from engine.options import ArgumentGroup
 from model import upsample
 from stages.pseudo_quality import all_ranks_agree
 from utils import distributed as du
 from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
 from utils.metrics import format_iou_table, intersection_and_union, mean_iou
+
+# The schedule and jitter flags are not used when writing soft labels; the values are the original's.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                 "clrjit_params": "0.5,0.5,0.5,0.2", "resume": "./pretrained/model_phase1.pth"}
+
+
+def add_arguments(group: ArgumentGroup) -> None:
+    """``generate_soft_label.py``'s flags: where the soft labels go and how they are stored."""
+    group.add_argument("--output_folder", default="")
+    group.add_argument("--skip_existing", action="store_true", help="soft labels: keep files already written")
+    group.add_argument("--soft_label_dtype", default="float32", choices=["float32", "float16"])
 
 
 def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
@@ -76,11 +88,11 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
         # --batch-size, not --batch_size_val: the original labels the images with its target
         # *train* loader, whose per-GPU batch is --batch-size // world size.
         loader = shard_loader(dataset, per_rank(args.batch_size, env, "--batch-size"), env,
-                              workers_per_rank(args, env))
+                              workers_per_rank(args.num_workers, env))
         with torch.no_grad():
             for batch in progress(loader, desc="soft labels", env=env, quiet=args.quiet):
-                x = to_device_image(batch["img"], env.device, use_channels_last(args, env.device))
-                with inference_autocast(args, env.device):
+                x = to_device_image(batch["img"], env.device, use_channels_last(args.channels_last, env.device))
+                with inference_autocast(args.inference_amp, env.device):
                     logits = net(x)
                 if with_gt:
                     label = to_device_label(batch["label"], env.device)

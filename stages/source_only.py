@@ -22,6 +22,11 @@ from model.decouplenet import sourceonly_state
 from stages.losses import cross_entropy
 from utils.checkpoint import atomic_save
 
+# train_source_only.py's own defaults of shared flags (engine.options.add_shared_arguments); it has
+# no flags of its own.
+FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 40000,
+                 "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""}
+
 
 class SourceOnlyObjective(nn.Module):
     def __init__(self, net: DecoupleNet, args: Any) -> None:

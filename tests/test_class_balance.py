@@ -104,14 +104,11 @@ def test_rejects_nonsense() -> None:
 
 # ---------------------------------------------------------------------------- the list the scripts build
 def _parsed(stage: str, *argv: str):
-    """Options through the scripts' own parser. ``world_size`` is what the launcher gives every
-    rank (``utils.distributed.init_distributed``: one process per ``--gpus`` entry under
-    ``--dist``); tests/test_phase1_train.py checks it through a real two-process run."""
-    from engine.options import parse_args
+    """Options through the scripts' own parser (the list does not depend on the world size:
+    tests/test_phase1_train.py checks it through a real two-process run)."""
+    from stages.options import parse_args
 
-    args = parse_args(stage, "", list(argv))
-    args.world_size = len(args.gpus) if args.dist else 1
-    return args
+    return parse_args(stage, "", list(argv))
 
 
 @pytest.fixture
@@ -127,9 +124,12 @@ def test_length_is_num_steps_times_total_batch_under_four_gpus(gta5_root: Path, 
 
     four = ("--batch-size", "8", "--dist", "--gpus", "0,1,2,3")
     # the original: --batch-size 8 over 4 ranks is 2 a rank; max_iters = num_steps * 2 * 4
-    assert class_balance_draws(_parsed("phase1", *four)) == 750_000  # 93,750 x 8
-    assert class_balance_draws(_parsed("phase2", *four)) == 500_000  # 62,500 x 8
-    assert class_balance_draws(_parsed("phase1", "--batch-size", "8")) == 750_000  # one process, same list
+    def draws(args) -> int:
+        return class_balance_draws(args.num_steps, args.batch_size)
+
+    assert draws(_parsed("phase1", *four)) == 750_000  # 93,750 x 8
+    assert draws(_parsed("phase2", *four)) == 500_000  # 62,500 x 8
+    assert draws(_parsed("phase1", "--batch-size", "8")) == 750_000  # one process, same list
     # drawn: int(8000 / 3000) + 1 = 3 rounds of 3000 (4x too many draws would give 11 rounds)
     args = _parsed("phase1", *four, "--num-steps", "1000", "--num-steps-stop", "10")
     names = balanced_file_list(args, str(gta5_root), cache_dir=str(tmp_path))

@@ -135,7 +135,7 @@ class Recorder:
 def run_in_process(script: str, stage: str, argv: list[str]) -> int:
     from engine.common import LOG
     from engine.launch import main_entry, training_worker
-    from engine.options import parse_args
+    from stages.options import parse_args
 
     module = importlib.import_module(script)
     try:

@@ -21,8 +21,8 @@ import engine.validation
 import stages.evaluation
 import stages.soft_labels
 from engine.network import backend_settings, prepare_for_inference, prepare_for_training
-from engine.options import build_parser, parse_args
 from model import DecoupleNet
+from stages.options import build_parser, parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 
@@ -62,7 +62,8 @@ def test_cudnn_benchmark_for_inference_and_never_on_the_cpu(backends) -> None:
 
 
 def test_tf32_default_leaves_pytorch_settings_on_off_set_both(backends) -> None:
-    assert backend_settings(_args("phase1")) == {"cudnn_benchmark": None, "cudnn_tf32": None, "matmul_tf32": None}
+    args = _args("phase1")
+    assert backend_settings(args.tf32, args.cudnn_benchmark) == {"cudnn_benchmark": None, "cudnn_tf32": None, "matmul_tf32": None}
     # unusual values first, so that "default" visibly leaves whatever is set
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
     prepare_for_training(nn.Module(), CUDA, _args("phase1"))
@@ -106,7 +107,7 @@ def expected() -> dict[str, np.ndarray]:
 def _force_channels_last(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--channels_last`` decides as on CUDA (the CPU ignores the flag otherwise)."""
     for module in (engine.network, engine.validation, stages.soft_labels):
-        monkeypatch.setattr(module, "use_channels_last", lambda args, device: bool(args.channels_last))
+        monkeypatch.setattr(module, "use_channels_last", lambda requested, device: bool(requested))
 
 
 def _spy_forward(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -131,13 +132,12 @@ def _inference_args(stage: str, ckpt: Path, snapshot: Path, *extra: str):
     args = parse_args(stage, "", ["--cpu", "--quiet", "--tgt_rootpath", str(TINY), "--tgt_img_size", "192,96",
                                   "--resume", str(ckpt), "--num-workers", "0", "--batch_size_val", "1",
                                   "--snapshot-dir", str(snapshot), *extra])
-    args.world_size = 1
-    args.compile_backend = "eager"  # dynamo's capture without code generation: quick on the CPU
     return args
 
 
 def test_soft_labels_convert_network_and_input_and_compile(ckpt, expected, tmp_path, monkeypatch) -> None:
     _force_channels_last(monkeypatch)
+    monkeypatch.setattr(engine.network, "COMPILE_BACKEND", "eager")  # dynamo's capture, no code generation: quick
     seen = _spy_forward(monkeypatch)
     out = tmp_path / "soft"
     args = _inference_args("soft_label", ckpt, tmp_path / "snap", "--output_folder", str(out), "--channels_last",
@@ -153,6 +153,7 @@ def test_soft_labels_convert_network_and_input_and_compile(ckpt, expected, tmp_p
 
 def test_evaluation_converts_network_and_input_and_compiles(ckpt, tmp_path, monkeypatch) -> None:
     _force_channels_last(monkeypatch)
+    monkeypatch.setattr(engine.network, "COMPILE_BACKEND", "eager")  # dynamo's capture, no code generation: quick
     seen = _spy_forward(monkeypatch)
     args = _inference_args("evaluate", ckpt, tmp_path / "snap", "--channels_last", "--compile")
     result = stages.evaluation.run_evaluation(args, DistEnv())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.options import build_parser
+from stages.options import build_parser
 from tests.helpers import REPO
 
 STORE_TRUE = "store_true"  # a flag without a value (default False)
@@ -66,7 +66,7 @@ DELIBERATE = {
 
 
 def our_parser(script: str) -> argparse.ArgumentParser:
-    """The parser ``script`` builds: the stage name it passes to ``engine.options.parse_args``."""
+    """The parser ``script`` builds: the stage name it passes to ``stages.options.parse_args``."""
     text = (Path(REPO) / script).read_text(encoding="utf-8")
     stages = re.findall(r'parse_args\("(\w+)"', text)
     assert len(stages) == 1, f"{script}: expected one parse_args(\"<stage>\", ...) call, found {stages}"

@@ -15,8 +15,8 @@ import torch
 
 import stages.evaluation
 import stages.soft_labels
-from engine.options import parse_args
 from model import DecoupleNet
+from stages.options import parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 
@@ -42,7 +42,6 @@ def _args(stage: str, ckpt: Path, snapshot: Path, *extra: str):
     args = parse_args(stage, "", ["--cpu", "--quiet", "--tgt_rootpath", str(TINY), "--tgt_img_size", "192,96",
                                   "--resume", str(ckpt), "--num-workers", "0", "--batch_size_val", "1",
                                   "--snapshot-dir", str(snapshot), *extra])
-    args.world_size = 1
     return args
 
 

@@ -109,3 +109,36 @@ def test_utils_are_leaves() -> None:
         if layer(module) == 0:
             for target, line, _, _ in imports_of(path, module, known):
                 assert target.startswith("utils"), f"{path}:{line} imports {target}"
+
+
+# The flags of one phase: each is declared beside its stage (stages/<module>.py), none in engine/.
+PHASE_FLAGS = {
+    "phase1": ["--gan", "--lambda_adv_src", "--lambda_adv_tgt", "--lambda_st", "--conf_bank_length", "--conf_p"],
+    "phase2": ["--soft_labels_folder", "--thresholds_path", "--src_loss_weight"],
+    "soft_labels": ["--output_folder", "--skip_existing", "--soft_label_dtype"],
+    "evaluation": ["--split", "--scales", "--flip", "--save_dir", "--results_json"],
+}
+
+
+def flags_defined_in(path: str) -> set[str]:
+    """The option strings of every ``add_argument("--...")`` call in ``path`` (checked on the ``ast``)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    return {arg.value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+            for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            and arg.value.startswith("-")}
+
+
+def test_engine_defines_no_flag_of_a_phase() -> None:
+    engine_flags: set[str] = set()
+    for name in os.listdir(os.path.join(REPO, "engine")):
+        if name.endswith(".py"):
+            engine_flags |= flags_defined_in(os.path.join(REPO, "engine", name))
+    assert {"--batch-size", "--resume", "--num-steps"} <= engine_flags  # the check reads the engine's parser
+    for stage, flags in PHASE_FLAGS.items():
+        in_engine = sorted(set(flags) & engine_flags)
+        assert not in_engine, f"engine/ defines flags of {stage}: {in_engine}"
+        missing = sorted(set(flags) - flags_defined_in(os.path.join(REPO, "stages", f"{stage}.py")))
+        assert not missing, f"stages/{stage}.py does not define its flags {missing}"
+    assert not any(f.startswith(("--lambda_", "--conf_")) for f in engine_flags), sorted(engine_flags)

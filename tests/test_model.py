@@ -189,7 +189,7 @@ def test_imagenet_start_keeps_the_fresh_head(tmp_path):
     import torchvision
 
     from engine.network import build_network
-    from engine.options import parse_args
+    from stages.options import parse_args
 
     resnet = torchvision.models.resnet101(weights=None)
     path = tmp_path / "resnet101-5d3b4d8f.pth"
@@ -322,7 +322,7 @@ def test_phase1_stage_starts_from_the_originals_draws(tmp_path):
     import torchvision
 
     from engine.launch import seed_everything
-    from engine.options import parse_args
+    from stages.options import parse_args
     from stages.phase1 import Phase1Stage
     from utils.distributed import DistEnv
 

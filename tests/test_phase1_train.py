@@ -189,7 +189,7 @@ def test_two_ranks_average_their_class_thresholds(synthetic_data, tmp_path) -> N
     weights (train-mode BatchNorm on that crop, as in the run) through utils.thresholds."""
     from datasets.build import target_train_dataset
     from datasets.sampler import StreamSampler
-    from engine.options import parse_args
+    from stages.options import parse_args
     from tests.helpers import filled_sourceonly_checkpoint, well_conditioned
     from utils.thresholds import OnlineClassThresholds
 
@@ -433,8 +433,8 @@ def test_two_iterations_match_original(parity_ensemble) -> None:
 def test_passes_give_the_gradients_of_one_backward() -> None:
     """The three passes (source, target, discriminators), each back-propagated before the next
     runs, give the gradients of one backward of all six losses, and the same batch-norm state."""
-    from engine.options import parse_args
     from model import FCDiscriminator
+    from stages.options import parse_args
     from stages.phase1 import Phase1Objective
 
     args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1"])
@@ -513,9 +513,9 @@ def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from engine.network import prepare_for_training
-    from engine.options import parse_args
     from engine.trainer import Trainer
     from model import FCDiscriminator
+    from stages.options import parse_args
     from stages.phase1 import Phase1Objective, Phase1Stage
     from utils.distributed import DistEnv
 

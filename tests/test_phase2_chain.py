@@ -291,7 +291,7 @@ def test_generate_soft_labels_batch_is_the_batch_size_flag(official_phase1_ckpt,
     images per GPU (``--batch_size_val`` plays no part). The README command (``--batch-size 8
     --gpus 0,1,2,3 --batch_size_val 4``) gives 2 per GPU; a lower ``--batch-size`` lowers it."""
     import stages.soft_labels
-    from engine.options import parse_args
+    from stages.options import parse_args
     from utils.distributed import DistEnv
 
     seen: list[int] = []

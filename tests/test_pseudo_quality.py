@@ -243,12 +243,11 @@ def run_passes(stage, it: int, batch: tuple) -> dict[str, torch.Tensor]:
 
 def in_process_accuracies(flags: list[str], resume: Path, snapshot: Path, iterations: int) -> list[float]:
     """Phase2Stage.step (forward only) on the wiring data: pseudo_acc of each iteration."""
-    from engine.options import parse_args
+    from stages.options import parse_args
     from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
 
     args = parse_args("phase2", "test", [*flags, "--resume", str(resume), "--snapshot-dir", str(snapshot)])
-    args.world_size = 1
     stage = Phase2Stage(args, DistEnv())
     stage.build()
     assert stage.pseudo_monitor is not None
@@ -282,7 +281,7 @@ def test_wiring_test_catches_a_miswired_carry(kind, wiring_data, sourceonly_ckpt
 @pytest.mark.parametrize("script", ["phase1", "phase2"])
 def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt, tmp_path) -> None:
     """One iteration with and without --no_pseudo_eval: the same losses, bit for bit (forward only)."""
-    from engine.options import parse_args
+    from stages.options import parse_args
     from stages.phase1 import Phase1Stage
     from stages.phase2 import Phase2Stage
     from utils.distributed import DistEnv
@@ -295,7 +294,6 @@ def test_ground_truth_never_reaches_a_loss(script, wiring_data, sourceonly_ckpt,
         (tmp_path / script).mkdir(exist_ok=True)
         args = parse_args(script, "test", [*flags, *extra, "--resume", str(sourceonly_ckpt), "--num-steps", "1",
                                            "--num-steps-stop", "1", "--snapshot-dir", str(tmp_path / script)])
-        args.world_size = 1
         torch.manual_seed(0)
         stage = stage_class(args, DistEnv())
         stage.build()
@@ -336,14 +334,13 @@ def test_ground_truth_is_all_or_nothing(wiring_data, tmp_path) -> None:
     next(city.glob("gtFine/train/*/*.png")).unlink()
     partial = CityscapesDataset(city, "train", img_size=(IMG_W, IMG_H), augment=aug, train_labels=True)
     assert not partial.has_labels and partial.labels_missing == 1 and "label" not in partial[(0, 1)]
-    args = SimpleNamespace(no_pseudo_eval=False, num_classes=19, ignore_label=IGNORE)
     messages = []
     log = SimpleNamespace(info=lambda msg, *a: messages.append(msg % a))
-    assert make_monitor(partial, args, DistEnv(), log) is None
+    assert make_monitor(partial, 19, IGNORE, DistEnv(), log) is None
     assert "1 of 4 train images have no gtFine label" in messages[-1]
-    assert make_monitor(full, args, DistEnv(), logging.getLogger("test")) is not None
-    args.no_pseudo_eval = True
-    assert make_monitor(full, args, DistEnv(), log) is None and "--no_pseudo_eval" in messages[-1]
+    assert make_monitor(full, 19, IGNORE, DistEnv(), logging.getLogger("test")) is not None
+    assert make_monitor(full, 19, IGNORE, DistEnv(), log, no_pseudo_eval=True) is None
+    assert "--no_pseudo_eval" in messages[-1]
 
 
 # ---------------------------------------------------------------------------- threshold report
@@ -379,8 +376,8 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     flipped when the sample was flipped, each written out here with ``F.interpolate`` and slicing.
     The soft-label wiring test cannot see this map (its large one-hot soft labels decide the fused
     label), so a flip or crop box missing at the call site would pass it; this test fails then."""
-    from engine.options import parse_args
     from stages import phase2
+    from stages.options import parse_args
     from utils.distributed import DistEnv
 
     seen: dict = {}
@@ -398,7 +395,6 @@ def test_whole_image_prediction_follows_the_crop(wiring_data, sourceonly_ckpt, t
     monkeypatch.setattr(phase2, "fuse_pseudo_labels", fuse)
     args = parse_args("phase2", "test", [*wiring_data["flags"], "--resume", str(sourceonly_ckpt),
                                          "--snapshot-dir", str(tmp_path)])
-    args.world_size = 1
     stage = phase2.Phase2Stage(args, DistEnv())
     stage.build()
     batches = stage.batches(0)

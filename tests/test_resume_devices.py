@@ -194,7 +194,7 @@ def test_too_old_torch_or_torchvision_stops_with_one_line(module, version, monke
 
     monkeypatch.setattr(importlib.import_module(module), "__version__", version)
     ran = []
-    rc = main_entry(lambda rank, args: ran.append(rank), SimpleNamespace(debug=False, resume=""))
+    rc = main_entry(lambda rank, args: ran.append(rank), SimpleNamespace(debug=False, resume="", stage="evaluate", resume_from="", dist=False, gpus=[0]))
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and not ran
     assert err == [(f"error: {module} {version} is too old: this code needs torch >= 2.3 and torchvision >= 0.18 "
@@ -206,7 +206,7 @@ def test_this_torch_passes_and_requirements_state_the_same_minimum(capsys) -> No
     from engine.launch import main_entry
 
     ran = []
-    assert main_entry(lambda rank, args: ran.append(rank), SimpleNamespace(debug=False, resume="")) == 0
+    assert main_entry(lambda rank, args: ran.append(rank), SimpleNamespace(debug=False, resume="", stage="evaluate", resume_from="", dist=False, gpus=[0])) == 0
     assert ran == [-1]
     text = Path(REPO, "requirements.txt").read_text(encoding="utf-8")
     for name, need in (("torch", MIN_TORCH), ("torchvision", MIN_TORCHVISION)):

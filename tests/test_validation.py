@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from engine.trainer import Stage, Trainer
-from engine.validation import compute_miou, evaluate, tta_probabilities
+from engine.validation import EvalSettings, compute_miou, evaluate, tta_probabilities
 from stages.phase1 import Phase1Stage
 from stages.phase2 import Phase2Stage
 from tests.helpers import LABEL_ID_OF_TRAIN_ID, REPO, filled_phase1_checkpoint
@@ -37,9 +37,9 @@ def small_net(seed: int = 0) -> nn.Module:
     return net
 
 
-def eval_args(**kw) -> Namespace:
+def eval_args(**kw) -> EvalSettings:
     base = {"num_classes": 19, "ignore_label": IGNORE, "quiet": True, "channels_last": False, "inference_amp": "off"}
-    return Namespace(**{**base, **kw})
+    return EvalSettings(**{**base, **kw})
 
 
 def asymmetric_batch(n: int, hw: tuple[int, int] = (32, 64), seed: int = 1, ignored: tuple[float, ...] = ()) -> dict:
@@ -106,7 +106,7 @@ def test_tta_scores_are_the_softmax_average_over_scales_and_flips() -> None:
     assert not np.array_equal(img, img[..., ::-1])
     want = reference_scores(net, img, (32, 64), scales, flip=True)
     with torch.no_grad():
-        got = tta_probabilities(net.eval(), batch["img"].float() / 255, (32, 64), eval_args(), torch.device("cpu"),
+        got = tta_probabilities(net.eval(), batch["img"].float() / 255, (32, 64), "off", torch.device("cpu"),
                                 scales=scales, flip=True)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-5)
     for name, wrong in wrong_flips(net, img, (32, 64), scales).items():  # the check tells them apart

@@ -199,11 +199,11 @@ def launch(worker: Callable[[int, Any], None], args: Any) -> None:
       fails, the others are stopped (SIGTERM) and :class:`RankFailure` names the rank.
     * otherwise: a single process (first GPU of ``--gpus``, or the CPU with ``--cpu``).
     """
-    if under_torchrun() or not getattr(args, "dist", False) or len(args.gpus) == 1:
+    if under_torchrun() or not args.dist or len(args.gpus) == 1:
         worker(-1, args)
         return
     args.dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    if not getattr(args, "debug", False):
+    if not args.debug:
         # A killed rank cannot release its semaphores; the resource tracker cleans them up and
         # says so on stderr. Its own process inherits this filter (it takes the -W flags).
         rule = "ignore::UserWarning:multiprocessing.resource_tracker"
@@ -268,7 +268,7 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     elif spawn_rank >= 0:
         rank, world, local = spawn_rank, len(args.gpus), spawn_rank
         init_method = args.dist_url
-    elif getattr(args, "dist", False):  # --dist with one entry in --gpus: this process is the one rank
+    elif args.dist:  # --dist with one entry in --gpus: this process is the one rank
         rank, world, local = 0, 1, 0
         init_method = f"tcp://127.0.0.1:{find_free_port()}"
     else:
@@ -282,7 +282,7 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     else:
         device = torch.device("cpu")
     if init_method is not None:
-        timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=float(args.dist_timeout or DEFAULT_TIMEOUT_S))
         backend = "nccl" if use_cuda else "gloo"
         if init_method == "env://":
             store = _store_for_attempt(rank, world, timeout)

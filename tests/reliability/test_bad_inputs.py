@@ -33,8 +33,8 @@ from PIL import Image
 
 from datasets.build import balanced_file_list
 from datasets.sampler import StreamSampler
-from engine.options import DEFAULTS, parse_args
 from model import DecoupleNet
+from stages.options import DEFAULTS, parse_args
 from tests.conftest import IMG_H, IMG_W, target_train_basenames, tiny_args
 from tests.helpers import REPO, miou_by_hand
 from tests.reliability.conftest import copy_data, phase1_argv, phase2_argv

@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 import torch
 
 PRELOAD = ["cv2", "numpy", "scipy.io", "tqdm", "PIL.Image", "datasets.build", "engine.trainer", "stages.evaluation",
-           "engine.options", "stages.phase1", "stages.phase2", "stages.soft_labels"]
+           "stages.options", "stages.phase1", "stages.phase2", "stages.soft_labels"]
 for _name in PRELOAD:  # what every script imports, once for all children
     importlib.import_module(_name)
 
