@@ -17,7 +17,7 @@ from datasets.loader import make_loader
 from datasets.sampler import ShardSampler, StreamSampler
 from datasets.synthia import SynthiaDataset
 from datasets.transforms import JointAugment
-from utils.checkpoint import atomic_write
+from utils.files import atomic_write
 
 
 def require_root(path: str, flag: str) -> str:

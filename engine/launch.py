@@ -21,7 +21,8 @@ from engine.common import LOG, NonFiniteLossError, RunError, check_versions
 from engine.options import OptionError
 from engine.state import resolve_resume_from
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, atomic_write, remove_stale_temp_files
+from utils.checkpoint import CheckpointError
+from utils.files import atomic_write, remove_stale_temp_files
 
 USER_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, RunError, FileNotFoundError)
 
@@ -172,7 +173,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
     """Create the snapshot folder, the rank-0 log file and the tensorboard writer.
 
-    Returns the tensorboardX writer (or ``None``). Resolved arguments go to ``args.json``.
+    Returns the tensorboardX writer (or ``None``). Resolved arguments go to ``<name>_args.json``.
     """
     folder = args.snapshot_dir
     stale: list[str] = []
