@@ -15,6 +15,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.files import atomic_write  # after the sys.path line above
+
 
 def measure(device: torch.device, n: int, repeats: int) -> float:
     """TFLOP/s of ``repeats`` bf16 matmuls of size ``n`` (2 n^3 FLOPs each)."""
@@ -37,21 +40,18 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=8192, help="matrix size")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default="", help="write the figure (TFLOP/s) to this file")
-    a = ap.parse_args()
-    if a.n <= 0 or a.repeats <= 0:
+    options = ap.parse_args()
+    if options.n <= 0 or options.repeats <= 0:
         print("error: --n and --repeats must be positive", file=sys.stderr)
         return 2
-    device = torch.device(a.device)
+    device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device", file=sys.stderr)
         return 2
-    peak = measure(device, a.n, a.repeats)
-    print(f"measured bf16 matmul peak: {peak:.1f} TFLOP/s ({a.n}x{a.n}, {device})", flush=True)
-    if a.out:
-        tmp = f"{a.out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{peak:.3f}\n")
-        os.replace(tmp, a.out)  # the next command reads a whole number or none
+    peak = measure(device, options.n, options.repeats)
+    print(f"measured bf16 matmul peak: {peak:.1f} TFLOP/s ({options.n}x{options.n}, {device})", flush=True)
+    if options.out:  # atomically: the next command reads a whole number or none
+        atomic_write(options.out, lambda f: f.write(f"{peak:.3f}\n".encode()))
     return 0
 
 

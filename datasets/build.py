@@ -19,7 +19,7 @@ from datasets.sampler import ShardSampler, StreamSampler
 from datasets.synthia import SynthiaDataset
 from datasets.transforms import JointAugment
 from utils import distributed as du
-from utils.checkpoint import atomic_write
+from utils.files import atomic_write
 
 
 def require_root(path: str, flag: str) -> str:

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.files import read_npy_header
+
 from .errors import DatasetError
-from .get_thresholds import read_npy_header
 from .gta5 import (
     Key,
     augment_or_whole,

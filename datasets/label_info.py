@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.files import create_temp_file
+from utils.files import atomic_open
 
 from .errors import DatasetError
 from .labels import encode_labels
@@ -222,27 +222,15 @@ def save_label_info(
     """Write ``(label_to_file, file_to_label)`` as the original's pickle, atomically.
 
     ``label_to_file`` is stored as a list of lists of str and ``file_to_label`` as a
-    dict of str -> list of int. The data go to a temporary file in the same folder,
-    which is flushed, fsynced and then renamed over ``path``. The file gets an ordinary new
-    file's mode (0666 minus the umask: 0644 under umask 022).
+    dict of str -> list of int. Written by :func:`utils.files.atomic_open`: never a partial file
+    under ``path``, and an ordinary new file's mode (0666 minus the umask: 0644 under umask 022).
     """
     path = os.fspath(path)
     l2f = [[str(n) for n in names] for names in label_to_file]
     f2l = {str(k): [int(i) for i in v] for k, v in file_to_label.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 would survive the rename; an ordinary file's mode instead.
-    fd, tmp = create_temp_file(folder, ".label_info.", ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((l2f, f2l), f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path) as f:
+        pickle.dump((l2f, f2l), f, protocol=4)
 
 
 def label_info_from_folder(

@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from utils.files import atomic_open
+
 from .errors import DatasetError
 from .label_info import save_label_info
 from .labels import class_names, encode_labels
@@ -133,18 +135,13 @@ def split_numbers(names: Sequence[str]) -> tuple[list[int], list[str]]:
 
 
 def write_split(path: str, numbers: Sequence[int]) -> None:
-    """``split.mat`` with every number in ``trainIds`` and empty ``valIds`` / ``testIds``."""
+    """``split.mat`` with every number in ``trainIds`` and empty ``valIds`` / ``testIds``, written atomically."""
     import scipy.io
 
     ids = np.asarray(numbers, dtype=np.float64).reshape(-1, 1)  # MATLAB doubles, like the original file
     empty = np.zeros((0, 1), dtype=np.float64)
-    tmp = path + ".tmp"
-    try:
-        scipy.io.savemat(tmp, {"trainIds": ids, "valIds": empty, "testIds": empty})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as f:
+        scipy.io.savemat(f, {"trainIds": ids, "valIds": empty, "testIds": empty})
 
 
 def prepare_gta5(root: str, num_classes: int = 19, workers: int = 1, quiet: bool = False) -> dict:

@@ -21,7 +21,8 @@ from engine.common import LOG, NonFiniteLossError, RunError, check_versions
 from engine.options import TRAINING_STAGES, OptionError
 from engine.state import resolve_resume_from
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, atomic_write, remove_stale_temp_files
+from utils.checkpoint import CheckpointError
+from utils.files import atomic_write, remove_stale_temp_files
 
 USER_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, RunError, FileNotFoundError)
 

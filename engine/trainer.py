@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,7 +36,8 @@ from engine.state import (
 from engine.validation import EvalSettings, evaluate, sample_figure, val_loader
 from model import DecoupleNet
 from utils import distributed as du
-from utils.checkpoint import CheckpointError, atomic_save, injected_fault, safe_load
+from utils import faults
+from utils.checkpoint import CheckpointError, atomic_save, safe_load
 from utils.metrics import format_iou_table
 
 METRICS = "metrics.jsonl"
@@ -50,8 +50,12 @@ class Stage:
         net: the :class:`DecoupleNet` (unwrapped).
         model: the module run each iteration (DDP-wrapped when distributed).
         optimizers: name -> (optimizer, base lr); the first is the SGD of the network.
+        extra_modules: name -> module the training state holds besides the network (e.g. the
+            discriminators of phase 1).
         official_phase: 1 or 2, the checkpoint layout written for best/final checkpoints.
-        source_loader / target_loader: infinite iterators of batches.
+
+    The batches come from :meth:`batches` (one infinite iterator from a given iteration on), one
+    iteration's passes from :meth:`step`.
     """
 
     name = "stage"
@@ -167,7 +171,6 @@ class Trainer:
         self.start_iter = 0
         self.best_miou = 0.0
         self.best_path: str | None = None
-        self.faults = LoopFaults()  # tests only; does nothing unless $DECOUPLENET_FAULT asks
 
     # ------------------------------------------------------------------ state
     def stage_modules(self) -> dict[str, nn.Module]:
@@ -347,7 +350,8 @@ class Trainer:
             passes = self.stage.step(it, next(batches))
             for k, run_pass in enumerate(passes):
                 with self.gradient_sync(sub == args.iter_size - 1 and k == len(passes) - 1):
-                    losses = self.faults.losses(it, run_pass())
+                    losses = run_pass()
+                    faults.at_iteration(it, losses)  # tests only: nothing unless $DECOUPLENET_FAULT asks
                     self.scaler.scale(losses["total"] / args.iter_size).backward()
                 for name, v in losses.items():
                     sums[name] = sums.get(name, 0) + v.detach().float() / args.iter_size
@@ -483,7 +487,7 @@ class Trainer:
                        quiet=self.args.quiet)
         self.t0 = time.time()
         for it in range(self.start_iter, stop):
-            self.faults.at_iteration_start(it)
+            faults.at_iteration(it)  # tests only: nothing unless $DECOUPLENET_FAULT asks
             logged = self.train_step(it, batches)
             bar.update(1)
             record = self.log_iteration(it, logged, bar)
@@ -500,32 +504,6 @@ class Trainer:
         du.barrier(self.env.device)
         if self.writer is not None:
             self.writer.close()
-
-
-class LoopFaults:
-    """Test-only faults of the training loop, the loop's one fault-injection seam.
-
-    From ``$DECOUPLENET_FAULT`` (see :mod:`utils.checkpoint`, which also honours
-    ``$DECOUPLENET_FAULT_RANK``): ``kill_at_iter:K`` SIGKILLs this process at the start of
-    iteration K, ``nan_at_iter:K`` makes the total loss of iteration K NaN, ``nan_from_iter:K``
-    that of iteration K and every later one. Without the variable both hooks do nothing.
-    """
-
-    def __init__(self) -> None:
-        fault = injected_fault()
-        kind, arg = (fault[0], fault[1]) if fault else ("", "")
-        self.kill_at = int(arg) if kind == "kill_at_iter" else None
-        self.nan_at = int(arg) if kind == "nan_at_iter" else None
-        self.nan_from = int(arg) if kind == "nan_from_iter" else None
-
-    def at_iteration_start(self, it: int) -> None:
-        if it == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def losses(self, it: int, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        if it == self.nan_at or (self.nan_from is not None and it >= self.nan_from):
-            losses["total"] = losses["total"] * float("nan")
-        return losses
 
 
 def peak_memory_mib(device: torch.device) -> float | None:

@@ -8,16 +8,16 @@ use only the target branch.
 
 Official checkpoint groups (docs/METHOD.md section 2, "Checkpoint format") map to attributes as:
 
-===========================  =================
-official group               attribute
-===========================  =================
-``model_B1_state_dict``      ``source_stem``
-``model_B2_state_dict``      ``target_stem``
-``model_B_state_dict``       ``body``
-``head_state_dict``          ``head``
-``classifier_state_dict``    ``classifier``
-``aux_classifier_state_dict````aux_classifier`` (ours; the original does not save it)
-===========================  =================
+=============================  ===================================================================
+official group                 attribute
+=============================  ===================================================================
+``model_B1_state_dict``        ``source_stem``
+``model_B2_state_dict``        ``target_stem``
+``model_B_state_dict``         ``body``
+``head_state_dict``            ``head``
+``classifier_state_dict``      ``classifier``
+``aux_classifier_state_dict``  ``aux_classifier`` (ours; the original does not save it)
+=============================  ===================================================================
 
 Phase-1 files of ours also hold ``D1_state_dict`` and ``D2_state_dict``, the discriminators
 (not part of this network: :meth:`DecoupleNet.load_official` ignores them, phase 1 restores

@@ -44,6 +44,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from utils.files import atomic_open, atomic_write  # after the sys.path line above
+
 
 @dataclass
 class Config:
@@ -152,9 +154,11 @@ def random_resnet101(path: str) -> None:
     import torch
     import torchvision
 
+    from utils.checkpoint import atomic_save
+
     torch.manual_seed(0)
     state = torchvision.models.resnet101(weights=None, zero_init_residual=True).state_dict()
-    torch.save(state, path)
+    atomic_save(state, path)
 
 
 # ------------------------------------------------------------------------------------------------ figure
@@ -267,7 +271,8 @@ def draw_figure(path: str, bars: list[Bar], sample_rows: list[list[np.ndarray]],
     for i, text in enumerate(note_lines):
         d.text((width / 2, ry + 14 + 24 * i), text, font=dp.font(16), fill=dp.MUTED, anchor="mm")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path, optimize=True)
+    with atomic_open(path) as f:
+        img.save(f, format="PNG", optimize=True)
 
 
 def sample_rows(data: str, out: str, count: int) -> list[list[np.ndarray]]:
@@ -556,13 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     say(table)
     say()
     say(footer)
-    with open(os.path.join(out, "miou.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + footer + "\n")
+    atomic_write(os.path.join(out, "miou.md"), lambda f: f.write((table + "\n\n" + footer + "\n").encode()))
     main_results = {k: v for k, v in results.items() if k in STAGES}
-    with open(os.path.join(out, "miou.json"), "w", encoding="utf-8") as f:
-        json.dump({"stages": main_results, "diagnostics": {k: v for k, v in results.items() if k not in STAGES},
-                   "pseudo_labels": pseudo, "seconds": round(total, 1), "device": device_text, "init": init_note,
-                   "config": {k: v for k, v in vars(cfg).items()}}, f, indent=2)
+    summary = {"stages": main_results, "diagnostics": {k: v for k, v in results.items() if k not in STAGES},
+               "pseudo_labels": pseudo, "seconds": round(total, 1), "device": device_text, "init": init_note,
+               "config": {k: v for k, v in vars(cfg).items()}}
+    atomic_write(os.path.join(out, "miou.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     note = (f"{init_note}. Toy data, short schedules ({'/'.join(str(s) for s in cfg.steps)} iterations): "
             "the numbers show the stages run and hand over, not the paper's result.")
     if BN_ONLY in results:

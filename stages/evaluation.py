@@ -17,8 +17,8 @@ from engine.common import LOG, RunError, per_rank
 from engine.network import build_network, prepare_for_inference
 from engine.options import ArgumentGroup, OptionError
 from engine.validation import EvalSettings, compute_miou, sample_figure
-from utils import distributed as du
-from utils.checkpoint import atomic_write
+from utils import distributed
+from utils.files import atomic_write, atomic_write_bytes
 from utils.metrics import format_iou_table, miou_subsets
 
 # evaluate.py's defaults of shared flags (engine.options.add_shared_arguments); it does not train.
@@ -47,7 +47,18 @@ def check_arguments(args: Namespace) -> None:
             raise OptionError(f"--scales: scales must be positive, got {args.scales}")
 
 
-def run_evaluation(args: Any, env: du.DistEnv) -> dict:
+def write_image(path: str, image: np.ndarray) -> None:
+    """``image`` encoded as ``cv2.imwrite`` would (the format from the extension; BGR channel
+    order), written atomically (:func:`utils.files.atomic_open`)."""
+    import cv2  # only when predictions are saved (--save_dir)
+
+    encoded, data = cv2.imencode(os.path.splitext(path)[1], image)
+    if not encoded:
+        raise RunError(f"{path}: cannot encode the prediction image")
+    atomic_write_bytes(path, data.tobytes())
+
+
+def run_evaluation(args: Any, env: distributed.DistEnv) -> dict:
     """mIoU of the target branch of ``--resume`` on ``--split`` (each image counted once).
 
     Returns (and writes as JSON on rank 0) the per-class IoU, the mIoU and, for 16-class
@@ -67,17 +78,15 @@ def run_evaluation(args: Any, env: du.DistEnv) -> dict:
             os.makedirs(os.path.join(save_dir, sub), exist_ok=True)
 
     def save(batch: dict, pred) -> None:
-        import cv2
-
         preds = pred.cpu().numpy().astype(np.uint8)
         for i, path in enumerate(batch["path"]):
             name = os.path.basename(path)
-            cv2.imwrite(os.path.join(save_dir, "trainid", name), preds[i])
+            write_image(os.path.join(save_dir, "trainid", name), preds[i])
             # Cityscapes label ids: what cityscapesScripts and the benchmark server read
-            cv2.imwrite(os.path.join(save_dir, "labelid", name), decode_train_ids(preds[i], args.num_classes))
-            cv2.imwrite(os.path.join(save_dir, "color", name), colorize(preds[i], args.num_classes)[:, :, ::-1])
+            write_image(os.path.join(save_dir, "labelid", name), decode_train_ids(preds[i], args.num_classes))
+            write_image(os.path.join(save_dir, "color", name), colorize(preds[i], args.num_classes)[:, :, ::-1])
             fig = sample_figure({"img": batch["img"][i], "label": batch["label"][i], "pred": pred[i].cpu()})
-            cv2.imwrite(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
+            write_image(os.path.join(save_dir, "side_by_side", name), fig[:, :, ::-1])
 
     iou, miou, _ = compute_miou(net, loader, env, EvalSettings.from_args(args), desc=f"evaluate {args.split}", scales=tuple(args.scales),
                                 flip=args.flip, on_batch=save if save_dir else None)

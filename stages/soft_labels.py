@@ -19,8 +19,8 @@ from engine.optim import inference_autocast
 from engine.options import ArgumentGroup
 from model import upsample
 from stages.pseudo_quality import all_ranks_agree
-from utils import distributed as du
-from utils.checkpoint import atomic_save_npy, remove_stale_temp_files
+from utils import distributed
+from utils.files import atomic_save_npy, remove_stale_temp_files
 from utils.metrics import format_iou_table, intersection_and_union, mean_iou
 
 # The schedule and jitter flags are not used when writing soft labels; the values are the original's.
@@ -35,7 +35,7 @@ def add_arguments(group: ArgumentGroup) -> None:
     group.add_argument("--soft_label_dtype", default="float32", choices=["float32", "float16"])
 
 
-def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
+def generate_soft_labels(args: Any, env: distributed.DistEnv) -> int:
     """Write ``<output_folder>/<basename>.npy`` = float32 logits ``[C, H/8, W/8]`` before softmax.
 
     The network runs in float32 without autocast, as the original (``--amp`` is for training
@@ -65,7 +65,7 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
             raise RunError(f"--output_folder {args.output_folder}: cannot create ({exc.strerror})") from None
         for path in remove_stale_temp_files(args.output_folder):  # left by a killed run
             LOG.info("removed stale temporary file %s", path)
-    du.barrier(env.device)
+    distributed.barrier(env.device)
     dataset = target_train_dataset(args, augment=False)
     total = len(dataset.files)
     if args.skip_existing:
@@ -109,12 +109,12 @@ def generate_soft_labels(args: Any, env: du.DistEnv) -> int:
                         raise RunError(f"{out}: cannot write soft label ({exc.strerror or exc})") from None
                     written += 1
     count = torch.tensor([written], dtype=torch.int64, device=env.device)  # NCCL: on the rank's GPU
-    du.all_reduce_sum(count, env.device)
+    distributed.all_reduce_sum(count, env.device)
     LOG.info("soft labels: %d files written to %s in %.1fs (%d already present)", int(count), args.output_folder,
              time.time() - t0, total - len(dataset.files))
     if with_gt:
-        du.all_reduce_sum(inter, env.device)
-        du.all_reduce_sum(union, env.device)
+        distributed.all_reduce_sum(inter, env.device)
+        distributed.all_reduce_sum(union, env.device)
         if int(count) > 0:
             iou, miou = mean_iou(inter, union)
             LOG.info("soft labels (argmax) vs train ground truth, %d images (monitoring only):\n%s", int(count),

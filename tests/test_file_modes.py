@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import atomic_save, atomic_save_npy, atomic_write, remove_stale_temp_files
+from utils.checkpoint import atomic_save
+from utils.files import atomic_save_npy, atomic_write, remove_stale_temp_files
 
 
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])

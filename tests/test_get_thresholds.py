@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.reference_rules import original_get_thresholds
-from datasets.get_thresholds import (
+from stages.offline_thresholds import (
     ThresholdsError,
     compute_thresholds,
     default_output_name,
@@ -210,7 +210,7 @@ def test_near_ties_follow_the_original_argmax(tmp_path: Path) -> None:
             mask = rng.random(top.shape) < 0.3
             logits[c][mask] = near[mask]
         np.save(tmp_path / f"f{i}.npy", logits)
-    from datasets.get_thresholds import _softmax_max
+    from stages.offline_thresholds import _softmax_max
 
     ambiguous = 0
     for name in sorted(os.listdir(tmp_path)):
@@ -229,7 +229,7 @@ def test_near_ties_follow_the_original_argmax(tmp_path: Path) -> None:
 
 def test_second_pass_without_cache(soft_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache that cannot be written (full disk) costs a second softmax pass, not the result."""
-    import datasets.get_thresholds as gt
+    import stages.offline_thresholds as gt
 
     def failing_append(self, cls, key):
         self.close()

@@ -1,6 +1,7 @@
 """The project's import layers run one way: ``utils`` < ``model`` < ``datasets`` < ``engine`` <
 ``stages`` < the entry scripts (docs/DESIGN.md, "Layout"). Checked on the source with ``ast``,
-function-local imports included, so that a cycle cannot hide inside a function."""
+function-local imports included, so that a cycle cannot hide inside a function. Also: one module
+writes files by temp file + rename, one module reads the test-only ``$DECOUPLENET_FAULT``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {"utils": 0, "model": 1, "datasets": 2, "engine": 3, "stages": 4}
 SCRIPTS = 5  # train_*.py, generate_soft_label.py, evaluate.py at the top level
+# Entry scripts that live inside a package: the original runs `cd datasets && python3 get_thresholds.py`.
+COMMANDS_IN_PACKAGES = {"datasets.get_thresholds"}
 
 
 def project_modules() -> dict[str, str]:
@@ -28,6 +31,8 @@ def project_modules() -> dict[str, str]:
 
 
 def layer(module: str) -> int:
+    if module in COMMANDS_IN_PACKAGES:
+        return SCRIPTS
     return LAYERS.get(module.split(".")[0], SCRIPTS)
 
 
@@ -142,3 +147,89 @@ def test_engine_defines_no_flag_of_a_phase() -> None:
         missing = sorted(set(flags) - flags_defined_in(os.path.join(REPO, "stages", f"{stage}.py")))
         assert not missing, f"stages/{stage}.py does not define its flags {missing}"
     assert not any(f.startswith(("--lambda_", "--conf_")) for f in engine_flags), sorted(engine_flags)
+
+
+# ---------------------------------------------------------------------------- one writer, one fault seam
+WRITER = "utils/files.py"
+FAULTS = "utils/faults.py"
+FAULT_HOOKS = {"during_write", "at_iteration"}
+TOOL_FOLDERS = ("scripts", "benchmarks")  # project code too, though outside the import layers
+RENAME_CALLS = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
+TEMP_FILE_CALLS = {"mkstemp", "NamedTemporaryFile"}
+
+
+def project_files() -> dict[str, str]:
+    """Repository-relative path -> file, for the modules of :func:`project_modules` and the tools."""
+    found = {os.path.relpath(path, REPO): path for path in project_modules().values()}
+    for folder in TOOL_FOLDERS:
+        for dirpath, _, files in os.walk(os.path.join(REPO, folder)):
+            found.update({os.path.relpath(os.path.join(dirpath, f), REPO): os.path.join(dirpath, f)
+                          for f in files if f.endswith(".py")})
+    return found
+
+
+def parsed(path: str) -> ast.Module:
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read())
+
+
+def temp_file_and_rename_calls(tree: ast.Module) -> list[str]:
+    """``os.replace`` / ``os.rename`` / ``shutil.move`` / ``mkstemp`` / ``NamedTemporaryFile`` calls."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            if (func.value.id, func.attr) in RENAME_CALLS or func.attr in TEMP_FILE_CALLS:
+                found.append(f"line {node.lineno}: {func.value.id}.{func.attr}")
+        elif isinstance(func, ast.Name) and func.id in TEMP_FILE_CALLS:
+            found.append(f"line {node.lineno}: {func.id}")
+    return found
+
+
+def test_one_module_writes_by_temp_file_and_rename() -> None:
+    """Every file is written through :func:`utils.files.atomic_open`: no other module renames a
+    temporary file into place (scripts/ and benchmarks/ included)."""
+    writers = {rel: calls for rel, path in project_files().items() if (calls := temp_file_and_rename_calls(parsed(path)))}
+    assert set(writers) == {WRITER}, f"temp-file / rename writes outside {WRITER}: " + str(
+        {rel: calls for rel, calls in writers.items() if rel != WRITER})
+
+
+def docstring_nodes(tree: ast.Module) -> set[int]:
+    """``id`` of every module, class and function docstring node."""
+    owners = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+    return {id(owner.body[0].value) for owner in owners
+            if owner.body and isinstance(owner.body[0], ast.Expr) and isinstance(owner.body[0].value, ast.Constant)}
+
+
+def names_the_fault_variable(tree: ast.Module) -> bool:
+    """Whether a string in the code (docstrings aside) names ``DECOUPLENET_FAULT``."""
+    docs = docstring_nodes(tree)
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, str) and "DECOUPLENET_FAULT" in n.value
+               and id(n) not in docs for n in ast.walk(tree))
+
+
+def fault_names_used(tree: ast.Module) -> set[str]:
+    """Names taken from utils.faults: ``from utils.faults import X`` and ``faults.X``."""
+    used = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "utils.faults"
+            for a in n.names}
+    used |= {n.attr for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "faults"}
+    return used
+
+
+def test_one_module_reads_the_fault_variable() -> None:
+    """Only utils/faults.py names ``$DECOUPLENET_FAULT`` in code (docstrings and comments aside),
+    and the rest of the project uses only its two hooks: the writer calls ``during_write``, the
+    training loop ``at_iteration``. (The tests and benchmarks/ddp_check.py set the variable for
+    the processes they start; they are not part of a run.)"""
+    readers, other_uses = set(), {}
+    for path in project_modules().values():
+        rel, tree = os.path.relpath(path, REPO), parsed(path)
+        if names_the_fault_variable(tree):
+            readers.add(rel)
+        if rel != FAULTS and (extra := fault_names_used(tree) - FAULT_HOOKS):
+            other_uses[rel] = extra
+    assert readers == {FAULTS}, readers
+    assert not other_uses, f"utils.faults used beyond its hooks {sorted(FAULT_HOOKS)}: {other_uses}"

@@ -345,7 +345,7 @@ def test_ground_truth_is_all_or_nothing(wiring_data, tmp_path) -> None:
 
 # ---------------------------------------------------------------------------- threshold report
 def test_threshold_report_counts_kept_pixels(tmp_path: Path) -> None:
-    from datasets.get_thresholds import _softmax_max, compute_thresholds, format_report
+    from stages.offline_thresholds import _softmax_max, compute_thresholds, format_report
 
     rng = np.random.default_rng(3)
     arrays = []

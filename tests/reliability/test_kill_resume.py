@@ -1,6 +1,6 @@
 """Processes killed with SIGKILL at the worst moments, then continued: nothing lost, nothing partial.
 
-Faults come from ``DECOUPLENET_FAULT`` (utils/checkpoint.py). For phase 1 and phase 2 on the CPU
+Faults come from ``DECOUPLENET_FAULT`` (utils/faults.py). For phase 1 and phase 2 on the CPU
 one run is killed, continued with ``--resume_from auto`` and killed again, at each of:
 
 1. the middle of the first ``latest.pth`` write (before any training state exists),
