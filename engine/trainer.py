@@ -11,8 +11,9 @@ import json
 import math
 import os
 import time
+import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from datasets.labels import class_names
 from datasets.loader import to_device_image, workers_per_rank
 from engine.common import LOG, NonFiniteLossError, RunError, per_rank, progress
 from engine.network import build_network, prepare_for_training, unwrap
-from engine.optim import grad_scaler, set_lr, sgd_for
+from engine.optim import autocast, grad_scaler, set_lr, sgd_for
 from engine.state import (
     LATEST,
     STATE_FORMAT,
@@ -42,13 +43,20 @@ from utils.metrics import format_iou_table
 
 METRICS = "metrics.jsonl"
 
+Losses = dict[str, Tensor]  # a pass's losses by name; its "total" is what is back-propagated
+HandedOn = TypeVar("HandedOn")  # what a pass hands on to later passes or to the stage
+# What every pass of a PassObjective returns: its losses and what it hands on (None: nothing).
+PassResult = tuple[Losses, HandedOn]
+Objective = TypeVar("Objective", bound="PassObjective")
+
 
 class Stage:
     """What differs between training scripts. Subclasses set the attributes in :meth:`build`.
 
     Attributes:
         net: the :class:`DecoupleNet` (unwrapped).
-        model: the module run each iteration (DDP-wrapped when distributed).
+        objective: the stage's :class:`PassObjective` (unwrapped); :meth:`step` runs its passes.
+        model: the module run each iteration: ``objective``, DDP-wrapped when distributed.
         optimizers: name -> (optimizer, base lr); the first is the SGD of the network.
         extra_modules: name -> module the training state holds besides the network (e.g. the
             discriminators of phase 1).
@@ -70,6 +78,7 @@ class Stage:
         self.args = args
         self.env = env
         self.net: DecoupleNet
+        self.objective: PassObjective
         self.model: nn.Module
         self.optimizers: dict[str, tuple[torch.optim.Optimizer, float]] = {}
         self.extra_modules: dict[str, nn.Module] = {}
@@ -82,10 +91,12 @@ class Stage:
     def batches(self, start_iter: int) -> Iterator[tuple]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:  # pragma: no cover
-        """The passes of one micro-batch, in order. Each pass runs a forward and returns its losses;
-        the trainer back-propagates a pass's ``total`` before it calls the next pass, so only one
-        pass's activations are alive at a time. Passes hand on what later ones need (detached)."""
+    def step(self, it: int, batch: tuple, forward_backward: ForwardBackward) -> None:  # pragma: no cover
+        """One micro-batch of iteration ``it``: the passes of :attr:`objective`, in order, each
+        run by ``forward_backward(objective.<pass>, *inputs)``, which back-propagates the pass's
+        ``total`` before the next pass starts (so only one pass's activations are alive at a
+        time) and returns what the pass hands on (detached). The last pass is called with
+        ``last=True``."""
         raise NotImplementedError
 
     def build_net(self, decoupled: bool, aux: bool,
@@ -96,14 +107,16 @@ class Stage:
         return build_network(self.args, decoupled=decoupled, aux=aux, skip_weights=self.resuming,
                              checkpoint_hook=checkpoint_hook, after_backbone=after_backbone)
 
-    def train_objective(self, objective: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
-        """Make ``objective`` (a module holding ``net`` and the stage's losses) the module trained
-        each iteration: on the device and DDP-wrapped when distributed
-        (:func:`engine.network.prepare_for_training`), as ``self.model``. Sets ``self.net`` and
-        ``optimizers["model"]``, the SGD of the network. Returns the unwrapped objective."""
+    def train_objective(self, objective: Objective, find_unused_parameters: bool = False) -> Objective:
+        """Make ``objective`` (a :class:`PassObjective` holding ``net`` and the stage's losses) the
+        module trained each iteration: on the device and DDP-wrapped when distributed
+        (:func:`engine.network.prepare_for_training`), as ``self.model``. Sets ``self.objective``
+        (unwrapped), ``self.net`` and ``optimizers["model"]``, the SGD of the network. Returns
+        the unwrapped objective."""
         args, env = self.args, self.env
         self.model = prepare_for_training(objective, env, args, find_unused_parameters=find_unused_parameters)
-        inner = unwrap(self.model)
+        inner: Objective = unwrap(self.model)
+        self.objective = inner
         self.net = inner.net
         self.optimizers = {"model": (sgd_for(self.net, args, env.device), args.learning_rate)}
         return inner
@@ -141,18 +154,68 @@ class Stage:
 
 
 class PassObjective(nn.Module):
-    """The module a stage trains, computing one iteration's losses in passes that the trainer
-    back-propagates one by one (:meth:`Stage.step`). ``model(part, *inputs)`` runs the method of
-    that name, one of :attr:`PASSES`; going through ``forward`` keeps every pass inside the one
-    DDP wrapper."""
+    """The module a stage trains: the network and the stage's losses, with one method per pass
+    of an iteration (phase 1: ``source``, ``target``, ``discriminators``). Each pass returns a
+    :data:`PassResult`: its losses and what it hands on.
 
-    PASSES: tuple[str, ...] = ()
+    A pass runs as ``model(objective.source, *inputs)``: through ``forward``, and so through the
+    one DDP wrapper around this module, whose gradient hooks are armed only there
+    (:class:`ForwardBackward` makes this call)."""
 
-    def forward(self, part: str, *inputs: Any) -> Any:
-        """Run pass ``part`` (one of :attr:`PASSES`) on ``inputs``."""
-        if part not in self.PASSES:
-            raise ValueError(f"unknown pass {part!r}; expected one of {self.PASSES}")
-        return getattr(self, part)(*inputs)
+    def forward(self, objective_pass: Callable[..., PassResult[HandedOn]], *inputs: Any) -> PassResult[HandedOn]:
+        """Run ``objective_pass``, a pass of this module (a bound method), on ``inputs``."""
+        if not (isinstance(objective_pass, types.MethodType) and objective_pass.__self__ is self):
+            raise ValueError(f"{objective_pass!r} is not a pass of this {type(self).__name__}")
+        return objective_pass(*inputs)
+
+
+class ForwardBackward:
+    """Forward and backward of one pass: the callable :meth:`Stage.step` gets for a micro-batch.
+
+    ``forward_backward(objective.source, x, y)`` runs the pass through the stage's model (the DDP
+    wrapper's ``forward``) under ``--amp``'s autocast, back-propagates its ``total`` through the
+    grad scaler, divided by ``--iter-size``, adds its losses to the iteration's sums, and returns
+    what the pass hands on. ``last=True`` marks the micro-batch's last pass: DDP all-reduces the
+    gradients only in the backward of the iteration's last pass (the last micro-batch's last);
+    every other pass runs under ``no_sync``, its forward included, because DDP decides in the
+    forward whether the following backward all-reduces.
+    """
+
+    def __init__(self, trainer: Trainer, it: int, loss_sums: dict[str, Tensor], final_micro_batch: bool) -> None:
+        self.trainer = trainer
+        self.it = it
+        self.loss_sums = loss_sums  # shared by the iteration's micro-batches
+        self.final_micro_batch = final_micro_batch
+        self.finished = False  # the pass marked last has run
+
+    def __call__(self, objective_pass: Callable[..., PassResult[HandedOn]], *inputs: Any,
+                 last: bool = False) -> HandedOn:
+        if self.finished:
+            raise RuntimeError(f"{objective_pass.__name__}: a pass after the micro-batch's last one (last=True)")
+        self.finished = last
+        trainer, iter_size = self.trainer, self.trainer.args.iter_size
+        with self.gradient_sync(last and self.final_micro_batch):
+            with autocast(trainer.args, trainer.env.device):
+                losses, handed_on = trainer.stage.model(objective_pass, *inputs)
+            faults.at_iteration(self.it, losses)  # tests only: nothing unless $DECOUPLENET_FAULT asks
+            trainer.scaler.scale(losses["total"] / iter_size).backward()
+        for name, v in losses.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0) + v.detach().float() / iter_size
+        return handed_on
+
+    def gradient_sync(self, sync: bool):
+        """Context of one forward + backward: DDP all-reduces the gradients only when ``sync``;
+        otherwise they accumulate locally (``no_sync``)."""
+        model = self.trainer.stage.model
+        if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def check_finished(self) -> None:
+        """After :meth:`Stage.step`: its last pass was marked, else DDP would never all-reduce."""
+        if not self.finished:
+            raise RuntimeError("Stage.step must run its last pass with last=True (the pass whose backward "
+                               "all-reduces the gradients under DDP)")
 
 
 class Trainer:
@@ -327,35 +390,23 @@ class Trainer:
                 f"training state is {os.path.join(self.args.snapshot_dir, LATEST)}"
             )
 
-    def gradient_sync(self, sync: bool):
-        """Context of one forward + backward: DDP all-reduces the gradients only when ``sync``;
-        otherwise they accumulate locally (``no_sync``)."""
-        model = self.stage.model
-        if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return model.no_sync()
-
     def accumulate_gradients(self, it: int, batches: Iterator[tuple]) -> dict[str, Tensor]:
         """Forward and backward of one iteration's ``--iter-size`` micro-batches.
 
         Every micro-batch runs the stage's passes in order (:meth:`Stage.step`; phase 1: source,
         target, discriminators), each back-propagated before the next starts, as the original
-        does: the gradients are the same sums as one backward of all losses, and only one pass's
-        activations are alive at a time. Under DDP only the iteration's last backward all-reduces
-        the gradients. Returns the losses of this rank, averaged over the micro-batches.
+        does (:class:`ForwardBackward`): the gradients are the same sums as one backward of all
+        losses, and only one pass's activations are alive at a time. Under DDP only the
+        iteration's last backward all-reduces the gradients. Returns the losses of this rank,
+        averaged over the micro-batches.
         """
-        args = self.args
-        sums: dict[str, Tensor] = {}
-        for sub in range(args.iter_size):
-            passes = self.stage.step(it, next(batches))
-            for k, run_pass in enumerate(passes):
-                with self.gradient_sync(sub == args.iter_size - 1 and k == len(passes) - 1):
-                    losses = run_pass()
-                    faults.at_iteration(it, losses)  # tests only: nothing unless $DECOUPLENET_FAULT asks
-                    self.scaler.scale(losses["total"] / args.iter_size).backward()
-                for name, v in losses.items():
-                    sums[name] = sums.get(name, 0) + v.detach().float() / args.iter_size
-        return sums
+        iter_size = self.args.iter_size
+        loss_sums: dict[str, Tensor] = {}
+        for micro_batch in range(iter_size):
+            forward_backward = ForwardBackward(self, it, loss_sums, final_micro_batch=micro_batch == iter_size - 1)
+            self.stage.step(it, next(batches), forward_backward)
+            forward_backward.check_finished()
+        return loss_sums
 
     def train_step(self, it: int, batches: Iterator[tuple]) -> dict[str, float]:
         """One iteration: learning rates, gradients (:meth:`accumulate_gradients`), the NaN check,

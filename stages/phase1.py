@@ -4,14 +4,15 @@ docs/METHOD.md section 3. One iteration (per micro-batch) is three passes of :cl
 which holds the network and both discriminators so that a single DDP wrapper covers every
 parameter: source, target, discriminators, each back-propagated before the next starts, as the
 original does (its six backward calls become three; the gradients are the same sums).
+:meth:`Phase1Stage.step` runs them in that order.
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,9 @@ from datasets.build import source_train_dataset, target_train_dataset
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.optim import autocast, optimizer_kernels
+from engine.optim import optimizer_kernels
 from engine.options import ArgumentGroup, OptionError
-from engine.trainer import PassObjective, Stage
+from engine.trainer import ForwardBackward, PassObjective, PassResult, Stage
 from model import CheckpointError, DecoupleNet, FCDiscriminator, upsample
 from model.decouplenet import STEM_CHANNELS, load_group_state
 from stages.losses import cross_entropy
@@ -98,26 +99,44 @@ def load_discriminators(ckpt: Mapping, modules: Mapping[str, nn.Module], origin:
     return loaded
 
 
+class SourceOutputs(NamedTuple):
+    """What the source pass hands to the discriminators' pass (detached)."""
+
+    features: Tensor  # f_s, the source stem's output (D1's input, upsampled to the image)
+    prediction: Tensor  # p_s, the upsampled logits over the temperature (D2's input, after softmax)
+    image_hw: tuple[int, int]  # the crop's size
+
+
+class TargetOutputs(NamedTuple):
+    """What the target pass hands on: to the discriminators' pass (detached), and its pseudo
+    labels to the pseudo-label monitor."""
+
+    features: Tensor  # f_t
+    prediction: Tensor  # p_t
+    image_hw: tuple[int, int]
+    pseudo_labels: Tensor  # the aux classifier's labels at 1/8 (ignore where below the threshold)
+
+
 class Phase1Objective(PassObjective):
     """Network + D1 + D2 in one module (one DDP wrapper): the losses of one phase-1 iteration
-    (docs/METHOD.md section 3, steps 3-5).
+    (docs/METHOD.md section 3, steps 3-5), and the online class thresholds of step 4.
 
-    An iteration calls it three times, once per pass, and back-propagates each pass's ``total``
-    before the next pass starts, in the original's order: ``"source"`` (segmentation and
-    adversarial losses of the source crop), ``"target"`` (Self-Discrimination and adversarial
-    losses of the target crop), ``"discriminators"`` (D1 and D2 on the detached features and
-    predictions of both). So only one pass's activations are alive at a time, as in the
-    original. The first two passes also return the detached tensors the third one needs.
+    An iteration runs its three passes in the original's order, each back-propagated before the
+    next starts: :meth:`source` (segmentation and adversarial losses of the source crop),
+    :meth:`target` (Self-Discrimination and adversarial losses of the target crop),
+    :meth:`discriminators` (D1 and D2 on the detached features and predictions of both). So only
+    one pass's activations are alive at a time, as in the original. The first two passes also
+    hand on the detached tensors the third one needs.
     """
 
-    PASSES = ("source", "target", "discriminators")
-
     def __init__(self, net: DecoupleNet, d1: FCDiscriminator, d2: FCDiscriminator, args: Any,
-                 pseudo_label_fn) -> None:
+                 device: torch.device) -> None:
         super().__init__()
         self.net, self.d1, self.d2 = net, d1, d2
         self.args = args
-        self.pseudo_label_fn = pseudo_label_fn
+        self.device = device  # the run's device: the thresholds are all-reduced there
+        self.class_thresholds = OnlineClassThresholds(args.num_classes, p=args.conf_p,
+                                                      bank_length=args.conf_bank_length, device=device)
         self.recompute_d1_input = bool(getattr(args, "activation_checkpointing", False))
 
     def d1_on_image(self, f: Tensor, hw: tuple[int, int] | torch.Size, frozen_d1: bool = False) -> Tensor:
@@ -132,47 +151,62 @@ class Phase1Objective(PassObjective):
             return checkpoint(run, f, use_reentrant=False)
         return run(f)
 
-    def source(self, x_s: Tensor, y_s: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    def source(self, x_s: Tensor, y_s: Tensor) -> PassResult[SourceOutputs]:
         """Step 3: B1 -> B -> head -> cls, temperature, CE; D1 sees the stem upsampled to the image."""
-        a, net = self.args, self.net
+        args, net = self.args, self.net
         f_s = net.stem(x_s, "source")
         # The adversarial term first: the backward then reaches it last, after the body's
         # activations are freed (a lower peak; the same values and gradients).
-        loss_adv_src = a.lambda_adv_src * gan_loss(a.gan, self.d1_on_image(f_s, x_s.shape[-2:], frozen_d1=True),
-                                                   TARGET_LABEL)
+        loss_adv_src = args.lambda_adv_src * gan_loss(
+            args.gan, self.d1_on_image(f_s, x_s.shape[-2:], frozen_d1=True), TARGET_LABEL)
         p_s = upsample(net.classifier(net.decode(f_s)), y_s.shape[-2:]) / TEMPERATURE
-        loss_seg = cross_entropy(p_s, y_s, a.ignore_label)
+        loss_seg = cross_entropy(p_s, y_s, args.ignore_label)
         losses = {"total": loss_seg + loss_adv_src, "loss_seg": loss_seg, "loss_adv_src": loss_adv_src}
-        return losses, (f_s.detach(), p_s.detach())
+        return losses, SourceOutputs(f_s.detach(), p_s.detach(), tuple(x_s.shape[-2:]))
 
-    def target(self, x_t: Tensor) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    def target(self, x_t: Tensor) -> PassResult[TargetOutputs]:
         """Step 4: B2 -> B -> head; online pseudo labels for the aux classifier (at 1/8)."""
-        a, net = self.args, self.net
+        args, net = self.args, self.net
         f_t = net.stem(x_t, "target")
         h_t = net.decode(f_t)
         q = net.classifier(h_t)
         with torch.no_grad():
-            pseudo, kept = self.pseudo_label_fn(q.detach())
-        loss_st = a.lambda_st * cross_entropy(net.aux_classifier(h_t), pseudo, a.ignore_label)
+            pseudo, kept = self.pseudo_labels(q.detach())
+        loss_st = args.lambda_st * cross_entropy(net.aux_classifier(h_t), pseudo, args.ignore_label)
         p_t = upsample(q, x_t.shape[-2:]) / TEMPERATURE
-        loss_adv_tgt = a.lambda_adv_tgt * gan_loss(a.gan, frozen(self.d2, F.softmax(p_t, 1)), SOURCE_LABEL)
+        loss_adv_tgt = args.lambda_adv_tgt * gan_loss(args.gan, frozen(self.d2, F.softmax(p_t, 1)), SOURCE_LABEL)
         losses = {"total": loss_st + loss_adv_tgt, "loss_st": loss_st, "loss_adv_tgt": loss_adv_tgt,
                   "pseudo_kept": kept}
-        return losses, (f_t.detach(), p_t.detach())
+        return losses, TargetOutputs(f_t.detach(), p_t.detach(), tuple(x_t.shape[-2:]), pseudo)
 
-    def discriminators(self, f_s: Tensor, p_s: Tensor, f_t: Tensor, p_t: Tensor,
-                       src_hw: tuple[int, int], tgt_hw: tuple[int, int]) -> dict[str, Tensor]:
+    def pseudo_labels(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Online pseudo labels at 1/8 (docs/METHOD.md section 3 step 4).
+
+        Update this rank's class banks, average the thresholds over ranks (the original's
+        all-reduce / world size), then ignore pixels below their class threshold. Returns the
+        labels and the fraction of pixels kept. No host synchronisation.
+        """
+        conf, pred = F.softmax(logits.float(), 1).max(1)
+        thresholds = self.class_thresholds.update(conf, pred).clone()
+        du.all_reduce_mean(thresholds, self.device)
+        self.class_thresholds.thresholds = thresholds
+        keep = conf >= thresholds[pred]
+        labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
+        return labels, keep.float().mean()
+
+    def discriminators(self, source: SourceOutputs, target: TargetOutputs) -> PassResult[None]:
         """Step 5: D1 on the stems upsampled to the images, D2 on the softmax predictions."""
-        a = self.args
-        loss_d1 = 0.5 * gan_loss(a.gan, self.d1_on_image(f_s, src_hw), SOURCE_LABEL) + \
-            0.5 * gan_loss(a.gan, self.d1_on_image(f_t, tgt_hw), TARGET_LABEL)
-        loss_d2 = 0.5 * gan_loss(a.gan, self.d2(F.softmax(p_s, 1)), SOURCE_LABEL) + \
-            0.5 * gan_loss(a.gan, self.d2(F.softmax(p_t, 1)), TARGET_LABEL)
-        return {"total": loss_d1 + loss_d2, "loss_D1": loss_d1, "loss_D2": loss_d2}
+        gan = self.args.gan
+        loss_d1 = 0.5 * gan_loss(gan, self.d1_on_image(source.features, source.image_hw), SOURCE_LABEL) + \
+            0.5 * gan_loss(gan, self.d1_on_image(target.features, target.image_hw), TARGET_LABEL)
+        loss_d2 = 0.5 * gan_loss(gan, self.d2(F.softmax(source.prediction, 1)), SOURCE_LABEL) + \
+            0.5 * gan_loss(gan, self.d2(F.softmax(target.prediction, 1)), TARGET_LABEL)
+        return {"total": loss_d1 + loss_d2, "loss_D1": loss_d1, "loss_D2": loss_d2}, None
 
 
 class Phase1Stage(Stage):
     name = "phase1"
+    objective: Phase1Objective
     original_scalars = ("loss_seg", "loss_adv_src", "loss_adv_tgt", "loss_D1", "loss_D2", "loss_st")
 
     def build(self) -> None:
@@ -197,12 +231,10 @@ class Phase1Stage(Stage):
                 LOG.info("discriminators %s from %s", ", ".join(loaded), args.resume)
             if fresh:
                 LOG.info("discriminators %s start fresh (not in %s)", ", ".join(fresh), args.resume)
-        self.tracker = OnlineClassThresholds(args.num_classes, p=args.conf_p, bank_length=args.conf_bank_length,
-                                             device=env.device)
+        objective = Phase1Objective(net, d1, d2, args, env.device)
         if args.conf_p == 0 and env.is_main:
             LOG.warning("--conf_p 0: each class threshold is the highest confidence in its bank (as the original), "
                         "so the aux classifier learns only from the pixels at that maximum, almost none")
-        objective = Phase1Objective(net, d1, d2, args, self.pseudo_labels)
         # The last pass (discriminators) reaches D1 and D2 only: see prepare_for_training.
         inner = self.train_objective(objective, find_unused_parameters=True)
         self.d1, self.d2 = inner.d1, inner.d2
@@ -225,22 +257,6 @@ class Phase1Stage(Stage):
                 (k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
         return out
 
-    def pseudo_labels(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Online pseudo labels at 1/8 (docs/METHOD.md section 3 step 4).
-
-        Update this rank's class banks, average the thresholds over ranks (the original's
-        all-reduce / world size), then ignore pixels below their class threshold. Returns the
-        labels and the fraction of pixels kept. No host synchronisation.
-        """
-        conf, pred = F.softmax(logits.float(), 1).max(1)
-        thresholds = self.tracker.update(conf, pred).clone()
-        du.all_reduce_mean(thresholds, self.env.device)
-        self.tracker.thresholds = thresholds
-        keep = conf >= thresholds[pred]
-        labels = torch.where(keep, pred, torch.full_like(pred, self.args.ignore_label))
-        self.last_pseudo = labels  # for the pseudo-label accuracy (stages/pseudo_quality.py)
-        return labels, keep.float().mean()
-
     def batches(self, start_iter: int):
         args = self.args
         target = target_train_dataset(args)
@@ -248,38 +264,26 @@ class Phase1Stage(Stage):
                                            no_pseudo_eval=args.no_pseudo_eval)
         return self.domain_batches(start_iter, source_train_dataset(args, cache_dir=args.snapshot_dir), target)
 
-    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
-        """The three passes of :class:`Phase1Objective`; the first two hand their detached
-        features and predictions to the third."""
-        src, tgt = batch
-        dev, held = self.env.device, {}
-
-        def source() -> dict[str, Tensor]:
-            with autocast(self.args, dev):
-                losses, held["source"] = self.model("source", self.image(src), to_device_label(src["label"], dev))
-            return losses
-
-        def target() -> dict[str, Tensor]:
-            with autocast(self.args, dev):
-                losses, held["target"] = self.model("target", self.image(tgt))
-            if self.pseudo_monitor is not None:  # the aux classifier's labels (stride 8) vs the crop's ground truth
-                self.pseudo_monitor.observe_stride8(self.last_pseudo, to_device_label(tgt["label"], dev))
-            return losses
-
-        def discriminators() -> dict[str, Tensor]:
-            with autocast(self.args, dev):
-                return self.model("discriminators", *held.pop("source"), *held.pop("target"),
-                                  tuple(src["img"].shape[-2:]), tuple(tgt["img"].shape[-2:]))
-
-        return [source, target, discriminators]
+    def step(self, it: int, batch: tuple, forward_backward: ForwardBackward) -> None:
+        """One micro-batch: the source, target and discriminators' passes of :class:`Phase1Objective`,
+        in the original's order; the first two hand their detached features and predictions to
+        the third."""
+        source_batch, target_batch = batch
+        device, objective = self.env.device, self.objective
+        source = forward_backward(objective.source, self.image(source_batch),
+                                  to_device_label(source_batch["label"], device))
+        target = forward_backward(objective.target, self.image(target_batch))
+        if self.pseudo_monitor is not None:  # the aux classifier's labels (stride 8) vs the crop's ground truth
+            self.pseudo_monitor.observe_stride8(target.pseudo_labels, to_device_label(target_batch["label"], device))
+        forward_backward(objective.discriminators, source, target, last=True)
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
-        for name, v in zip(class_names(self.args.num_classes), self.tracker.thresholds.tolist()):
+        for name, v in zip(class_names(self.args.num_classes), self.objective.class_thresholds.thresholds.tolist()):
             writer.add_scalar(f"thresholds/{name}", v, it)
 
     def extra_state(self) -> dict:
-        return {"thresholds": self.tracker.state_dict()}
+        return {"thresholds": self.objective.class_thresholds.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.tracker.load_state_dict(state["thresholds"])
+        self.objective.class_thresholds.load_state_dict(state["thresholds"])
         LOG.info("class banks and thresholds restored")

@@ -10,7 +10,6 @@ before the target pass, as the original does.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,9 +21,8 @@ from datasets.errors import DatasetError
 from datasets.labels import class_names
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.optim import autocast
 from engine.options import ArgumentGroup
-from engine.trainer import PassObjective, Stage
+from engine.trainer import ForwardBackward, PassObjective, PassResult, Stage
 from model import DecoupleNet, upsample
 from stages.losses import cross_entropy
 from stages.pseudo_quality import make_monitor
@@ -62,25 +60,25 @@ def load_thresholds(path: str, num_classes: int) -> np.ndarray:
 
 
 class Phase2Objective(PassObjective):
-    """Network wrapper computing the losses of one phase-2 iteration in two passes, ``"source"``
-    and ``"target"``; the source loss is back-propagated before the target pass starts, as the
+    """Network wrapper computing the losses of one phase-2 iteration in two passes, :meth:`source`
+    and :meth:`target`; the source loss is back-propagated before the target pass starts, as the
     original does, so only one pass's activations are alive at a time."""
-
-    PASSES = ("source", "target")
 
     def __init__(self, net: DecoupleNet, args: Any) -> None:
         super().__init__()
         self.net = net
         self.args = args
 
-    def source(self, x_s: Tensor, y_s: Tensor) -> dict[str, Tensor]:
+    def source(self, x_s: Tensor, y_s: Tensor) -> PassResult[None]:
         """1. Source CE through the target stem (no temperature)."""
         loss_src = cross_entropy(upsample(self.net(x_s), y_s.shape[-2:]), y_s, self.args.ignore_label)
-        return {"total": self.args.src_loss_weight * loss_src, "loss_src_seg": loss_src}
+        return {"total": self.args.src_loss_weight * loss_src, "loss_src_seg": loss_src}, None
 
     def target(self, x_t: Tensor, img_full: Tensor, soft: Tensor, resized_hw: Tensor, crop_box: Tensor,
-               flip: Tensor, thresholds: Tensor) -> dict[str, Tensor]:
-        a, net = self.args, self.net
+               flip: Tensor, thresholds: Tensor) -> PassResult[Tensor]:
+        """2.-3. Fused pseudo labels for the target crop, then the target CE on them. Hands on
+        the pseudo labels (for the pseudo-label monitor)."""
+        args, net = self.args, self.net
         crop_hw = tuple(x_t.shape[-2:])
         # 2. pseudo labels (no grad; the network stays in train mode, as the original).
         with torch.no_grad():
@@ -89,16 +87,16 @@ class Phase2Objective(PassObjective):
             # The logits stay in the autocast dtype: the original upsamples the fp16 classifier
             # output (interpolation is on neither autocast list) and only the softmax runs in fp32.
             pred_crop = online_prediction_to_crop(net(img_full), crop_hw, resized_hw, crop_box, flip)
-            pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, a.ignore_label)
+            pseudo = fuse_pseudo_labels(pred_crop, soft_crop, thresholds, args.ignore_label)
         # 3. target CE on the fused pseudo labels.
-        loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, a.ignore_label)
-        kept = (pseudo != a.ignore_label).float().mean()
-        # pseudo_labels: not a loss; Phase2Stage.step takes it out (pseudo-label accuracy)
-        return {"total": loss_seg, "loss_seg": loss_seg, "pseudo_kept": kept, "pseudo_labels": pseudo}
+        loss_seg = cross_entropy(upsample(net(x_t), crop_hw), pseudo, args.ignore_label)
+        kept = (pseudo != args.ignore_label).float().mean()
+        return {"total": loss_seg, "loss_seg": loss_seg, "pseudo_kept": kept}, pseudo
 
 
 class Phase2Stage(Stage):
     name = "phase2"
+    objective: Phase2Objective
     official_phase = 2
     original_scalars = ("loss_seg", "loss_src_seg")
 
@@ -124,26 +122,18 @@ class Phase2Stage(Stage):
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir),
                                    self.target_set)
 
-    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
-        """The two passes of :class:`Phase2Objective`."""
-        src, tgt = batch
-        dev = self.env.device
-
-        def source() -> dict[str, Tensor]:
-            with autocast(self.args, dev):
-                return self.model("source", self.image(src), to_device_label(src["label"], dev))
-
-        def target() -> dict[str, Tensor]:
-            soft = tgt["soft_label"].to(dev, non_blocking=True)
-            with autocast(self.args, dev):
-                losses = self.model("target", self.image(tgt), self.image(tgt, "img_full"), soft,
-                                    tgt["resized_hw"], tgt["crop_box"], tgt["flip"], self.thresholds)
-            pseudo = losses.pop("pseudo_labels")
-            if self.pseudo_monitor is not None:  # the fused labels vs the crop's ground truth
-                self.pseudo_monitor.observe(pseudo, to_device_label(tgt["label"], dev))
-            return losses
-
-        return [source, target]
+    def step(self, it: int, batch: tuple, forward_backward: ForwardBackward) -> None:
+        """One micro-batch: the source pass, then the target pass of :class:`Phase2Objective`."""
+        source_batch, target_batch = batch
+        device, objective = self.env.device, self.objective
+        forward_backward(objective.source, self.image(source_batch), to_device_label(source_batch["label"], device))
+        soft_labels = target_batch["soft_label"].to(device, non_blocking=True)
+        pseudo_labels = forward_backward(objective.target, self.image(target_batch),
+                                         self.image(target_batch, "img_full"), soft_labels,
+                                         target_batch["resized_hw"], target_batch["crop_box"], target_batch["flip"],
+                                         self.thresholds, last=True)
+        if self.pseudo_monitor is not None:  # the fused labels vs the crop's ground truth
+            self.pseudo_monitor.observe(pseudo_labels, to_device_label(target_batch["label"], device))
 
     def tensorboard_extra(self, writer: Any, it: int) -> None:
         if it == 0 or it % 1000 == 0:

@@ -7,16 +7,14 @@ Same engine, SGD and poly schedule as the other stages; plain CE (no temperature
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from datasets.build import source_train_dataset
 from datasets.loader import to_device_label
 from engine.common import LOG
-from engine.optim import autocast
-from engine.trainer import Stage
+from engine.trainer import ForwardBackward, PassObjective, PassResult, Stage
 from model import DecoupleNet, upsample
 from model.decouplenet import sourceonly_state
 from stages.losses import cross_entropy
@@ -28,19 +26,23 @@ FLAG_DEFAULTS = {"learning_rate": 2.5e-4, "num_steps": 62500, "num_steps_stop": 
                  "clrjit_params": "0.0,0.0,0.0,0.0", "resume": ""}
 
 
-class SourceOnlyObjective(nn.Module):
+class SourceOnlyObjective(PassObjective):
+    """The network and its one pass, :meth:`source`."""
+
     def __init__(self, net: DecoupleNet, args: Any) -> None:
         super().__init__()
         self.net = net
         self.args = args
 
-    def forward(self, x_s: Tensor, y_s: Tensor) -> dict[str, Tensor]:
+    def source(self, x_s: Tensor, y_s: Tensor) -> PassResult[None]:
+        """Plain CE of the upsampled logits on the source labels."""
         loss = cross_entropy(upsample(self.net(x_s), y_s.shape[-2:]), y_s, self.args.ignore_label)
-        return {"total": loss, "loss_seg": loss}
+        return {"total": loss, "loss_seg": loss}, None
 
 
 class SourceOnlyStage(Stage):
     name = "source_only"
+    objective: SourceOnlyObjective
 
     def build(self) -> None:
         self.train_objective(SourceOnlyObjective(self.build_net(decoupled=False, aux=False), self.args))
@@ -51,14 +53,11 @@ class SourceOnlyStage(Stage):
     def batches(self, start_iter: int):
         return self.domain_batches(start_iter, source_train_dataset(self.args, cache_dir=self.args.snapshot_dir))
 
-    def step(self, it: int, batch: tuple) -> list[Callable[[], dict[str, Tensor]]]:
-        (src,) = batch
-
-        def source() -> dict[str, Tensor]:
-            with autocast(self.args, self.env.device):
-                return self.model(self.image(src), to_device_label(src["label"], self.env.device))
-
-        return [source]
+    def step(self, it: int, batch: tuple, forward_backward: ForwardBackward) -> None:
+        """One micro-batch: the one pass of :class:`SourceOnlyObjective`."""
+        (source_batch,) = batch
+        forward_backward(self.objective.source, self.image(source_batch),
+                         to_device_label(source_batch["label"], self.env.device), last=True)
 
 
 def export_sourceonly(stage: SourceOnlyStage) -> str:

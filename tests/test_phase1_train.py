@@ -430,12 +430,23 @@ def test_two_iterations_match_original(parity_ensemble) -> None:
 
 
 # ---------------------------------------------------------------------------- memory
+def argmax_labels_objective(*modules, args):
+    """A Phase1Objective whose pseudo labels are the argmax (no class thresholds): the labels
+    then do not depend on the banks' state or on other ranks."""
+    from stages.phase1 import Phase1Objective
+
+    class ArgmaxLabels(Phase1Objective):
+        def pseudo_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return logits.argmax(1), torch.ones(())
+
+    return ArgmaxLabels(*modules, args, torch.device("cpu"))
+
+
 def test_passes_give_the_gradients_of_one_backward() -> None:
     """The three passes (source, target, discriminators), each back-propagated before the next
     runs, give the gradients of one backward of all six losses, and the same batch-norm state."""
     from model import FCDiscriminator
     from stages.options import parse_args
-    from stages.phase1 import Phase1Objective
 
     args = parse_args("phase1", "test", ["--cpu", "--lambda_adv_tgt", "1"])
     torch.manual_seed(0)
@@ -449,17 +460,18 @@ def test_passes_give_the_gradients_of_one_backward() -> None:
         for m, sd in zip(modules, start):
             m.load_state_dict(sd)
             m.zero_grad(set_to_none=True)
-        objective = Phase1Objective(*modules, args, lambda q: (q.argmax(1), torch.ones(())))
+        objective = argmax_labels_objective(*modules, args=args)
         totals = []
-        losses, held_s = objective("source", x_s, y_s)
+        losses, source = objective(objective.source, x_s, y_s)
         totals.append(losses["total"])
         if not one_backward:
             totals.pop().backward()
-        losses, held_t = objective("target", x_t)
+        losses, target = objective(objective.target, x_t)
         totals.append(losses["total"])
         if not one_backward:
             totals.pop().backward()
-        totals.append(objective("discriminators", *held_s, *held_t, (32, 48), (32, 48))["total"])
+        losses, _ = objective(objective.discriminators, source, target)
+        totals.append(losses["total"])
         sum(totals).backward()
         out = {f"{i}/{k}/grad": p.grad.clone() for i, m in enumerate(modules) for k, p in m.named_parameters()}
         out.update({f"{i}/{k}": b.clone() for i, m in enumerate(modules) for k, b in m.named_buffers()})
@@ -512,11 +524,10 @@ def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from engine.network import prepare_for_training
     from engine.trainer import Trainer
     from model import FCDiscriminator
     from stages.options import parse_args
-    from stages.phase1 import Phase1Objective, Phase1Stage
+    from stages.phase1 import Phase1Stage
     from utils.distributed import DistEnv
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -526,11 +537,10 @@ def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
                                            "--batch-size", "2"])
     torch.manual_seed(0)
     modules = [DecoupleNet(layer=1).train(), FCDiscriminator(256, 32), FCDiscriminator(19, 64)]
-    reference = Phase1Objective(*copy.deepcopy(modules), args, lambda q: (q.argmax(1), torch.ones(())))
+    reference = argmax_labels_objective(*copy.deepcopy(modules), args=args)
     env = DistEnv(rank=rank, world_size=2)
     stage = Phase1Stage(args, env)
-    stage.model = prepare_for_training(Phase1Objective(*modules, args, lambda q: (q.argmax(1), torch.ones(()))),
-                                       env, args, find_unused_parameters=True)
+    stage.train_objective(argmax_labels_objective(*modules, args=args), find_unused_parameters=True)
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own crops
 
     def crop() -> dict:
@@ -541,11 +551,12 @@ def _ddp_passes_worker(rank: int, port: int, out: str) -> None:
     Trainer(stage, None, None).accumulate_gradients(0, iter(micro))
     for src, tgt in micro:
         img = [b["img"].float() / 255 for b in (src, tgt)]
-        losses, held_s = reference("source", img[0], src["label"].long())
+        losses, source = reference(reference.source, img[0], src["label"].long())
         (losses["total"] / 2).backward()
-        losses, held_t = reference("target", img[1])
+        losses, target = reference(reference.target, img[1])
         (losses["total"] / 2).backward()
-        (reference("discriminators", *held_s, *held_t, (32, 48), (32, 48))["total"] / 2).backward()
+        losses, _ = reference(reference.discriminators, source, target)
+        (losses["total"] / 2).backward()
     worst, local_gap, count = 0.0, 0.0, 0
     for (name, p), q in zip(stage.model.module.named_parameters(), reference.parameters()):
         expected = q.grad.clone()

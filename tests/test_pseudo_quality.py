@@ -233,11 +233,23 @@ def broken(kind: str, fn):
 
 
 def run_passes(stage, it: int, batch: tuple) -> dict[str, torch.Tensor]:
-    """Every pass of ``stage.step`` in order, forward only; the losses of all passes, keyed
+    """Every pass of ``stage.step`` in order, forward only (a stand-in for the trainer's
+    ``ForwardBackward`` that back-propagates nothing); the losses of all passes, keyed
     ``<pass index>/<name>``."""
-    losses = {}
-    for k, run_pass in enumerate(stage.step(it, batch)):
-        losses.update({f"{k}/{name}": v for name, v in run_pass().items()})
+    from engine.optim import autocast
+
+    losses: dict[str, torch.Tensor] = {}
+    passes = 0
+
+    def forward_only(objective_pass, *inputs, last: bool = False):
+        nonlocal passes
+        with autocast(stage.args, stage.env.device):
+            pass_losses, handed_on = stage.model(objective_pass, *inputs)
+        losses.update({f"{passes}/{name}": v for name, v in pass_losses.items()})
+        passes += 1
+        return handed_on
+
+    stage.step(it, batch, forward_only)
     return losses
 
 
