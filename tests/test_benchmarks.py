@@ -8,7 +8,11 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
 
 
 def test_online_thresholds_benchmark() -> None:

@@ -36,6 +36,8 @@ from PIL import Image
 
 from tests.helpers import REPO, filled_phase1_checkpoint
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 # cityscapesScripts helpers/labels.py: (name, id, ignoreInEval) for every id >= 0
 CITYSCAPES_LABELS = [
     ("unlabeled", 0, True), ("ego vehicle", 1, True), ("rectification border", 2, True),

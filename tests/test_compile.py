@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.network import compile_network
 from model import DecoupleNet
 from tests.helpers import filled_phase1_checkpoint
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
 
 
 def test_compile_in_place_keeps_keys_and_outputs() -> None:

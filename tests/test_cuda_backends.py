@@ -26,6 +26,8 @@ from stages.options import build_parser, parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 CUDA = DistEnv(device=torch.device("cuda", 0))
 TINY = Path(PARITY) / "cityscapes_tiny"
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
 
 STAGES = ("source-only", "phase 1", "phase 2")
 

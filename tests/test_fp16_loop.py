@@ -20,6 +20,8 @@ from tests.conftest import tiny_args
 from tests.placement import Placement
 from tests.test_collective_devices import run_in_process
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 
 def enabled_cpu_scaler(args, device):
     return torch.amp.GradScaler("cpu", enabled=True)

@@ -20,6 +20,8 @@ from stages.options import parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 TINY = Path(PARITY) / "cityscapes_tiny"
 
 

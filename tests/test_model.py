@@ -33,6 +33,7 @@ def _close(got: torch.Tensor, expected: np.ndarray, rtol: float = 1e-4) -> None:
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale)
 
 
+@pytest.mark.slow
 def test_forward_parity_layer1(filled_net):
     net, d1, d2 = filled_net
     ref = np.load(os.path.join(PARITY, "forward_layer1.npz"))
@@ -52,6 +53,7 @@ def test_forward_parity_layer1(filled_net):
         _close(d2(prob), ref["d2_tgt"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_official_key_layout(layer):
     with open(os.path.join(PARITY, "model_keys.json")) as f:
@@ -71,6 +73,7 @@ def test_official_key_layout(layer):
     assert [[k, list(v.shape)] for k, v in d2.state_dict().items()] == keys["D2"]
 
 
+@pytest.mark.slow
 def test_load_formats_and_module_prefix(filled_net):
     net, _, _ = filled_net
     ref = net.official_state(phase=1)
@@ -139,6 +142,7 @@ def test_imagenet_missing_file_message(tmp_path):
         net.load_imagenet(str(tmp_path / "resnet101-5d3b4d8f.pth"))
 
 
+@pytest.mark.slow
 def test_imagenet_file_loads_into_stems_and_body(tmp_path):
     import torchvision
 
@@ -152,6 +156,7 @@ def test_imagenet_file_loads_into_stems_and_body(tmp_path):
     assert torch.equal(net.body[2][1].conv2.weight, resnet.layer4[1].conv2.weight)
 
 
+@pytest.mark.slow
 def test_fresh_head_and_classifiers_follow_the_originals_rule():
     """The original's model/classifier.py rule, re-drawn by hand in its train_phase1.py order:
     two ResNet-101s; D1, D2; four ``nn.Conv2d(2048, hidden, 3, padding=d, dilation=d)`` built
@@ -184,6 +189,7 @@ def test_fresh_head_and_classifiers_follow_the_originals_rule():
     assert not torch.equal(net.aux_classifier.weight, net.classifier.weight)
 
 
+@pytest.mark.slow
 def test_imagenet_start_keeps_the_fresh_head(tmp_path):
     """``--resume ''``: backbone from the ImageNet file, head and classifiers untouched (fresh)."""
     import torchvision
@@ -210,6 +216,7 @@ def test_imagenet_start_keeps_the_fresh_head(tmp_path):
     assert torch.equal(net.aux_classifier.weight, net.classifier.weight)
 
 
+@pytest.mark.slow
 def test_discriminators_load_from_a_full_phase1_file():
     """``D1_state_dict`` / ``D2_state_dict`` of a phase-1 file (``module.`` prefixes or not) go into
     the discriminators; a file without them loads nothing; a bad key is one error naming it."""
@@ -234,6 +241,7 @@ def test_discriminators_load_from_a_full_phase1_file():
         load_discriminators(ckpt, {"D1": FCDiscriminator(512, 32)}, "l2.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer, expected", [(0, ["layer2", "layer3", "layer4"]), (2, ["layer3", "layer4"])])
 def test_activation_checkpointing_same_gradients_and_statistics(layer, expected):
     """--activation_checkpointing: the same outputs, gradients and batch-norm running statistics
@@ -288,6 +296,7 @@ def _groups(net: DecoupleNet, **extra: torch.nn.Module) -> dict[str, torch.nn.Mo
     return {**parts, **extra}
 
 
+@pytest.mark.slow
 def test_fresh_parts_draw_the_originals_values():
     """One seed, the original's values for every fresh part: phase 1's two ResNet-101s (the
     source stem from the first), D1, D2 (built between the ResNets and the head), the head,
@@ -315,6 +324,7 @@ def test_fresh_parts_draw_the_originals_values():
     _matches_oracle(_groups(net), oracle["phase2"])
 
 
+@pytest.mark.slow
 def test_phase1_stage_starts_from_the_originals_draws(tmp_path):
     """train_phase1.py's own path (seed_everything, then Phase1Stage.build) with ``--resume ''``:
     D1, D2, head, classifier and aux classifier start from the original's values at seed 1234

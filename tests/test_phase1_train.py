@@ -19,6 +19,8 @@ from model import DecoupleNet
 from tests.conftest import assert_same_state, run_script, tiny_args
 from tests.helpers import PARITY
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 STEP = Path(PARITY) / "phase1_step"
 ONE_LINE_ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
 

@@ -20,6 +20,8 @@ from model import DecoupleNet
 from tests.conftest import SOFT_HW, assert_same_state, run_script, target_train_basenames, tiny_args
 from tests.helpers import PARITY, REPO, filled_phase1_checkpoint
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 PHASE2_GROUPS = {"model_B2_state_dict", "model_B_state_dict", "head_state_dict", "classifier_state_dict"}
 ONE_LINE_ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
 TINY_CITYSCAPES = Path(PARITY) / "cityscapes_tiny"

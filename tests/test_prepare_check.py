@@ -140,6 +140,7 @@ def test_prepare_with_workers_gives_the_same_file(tree):
 
 
 # ------------------------------------------------------------------------------------------------ check
+@pytest.mark.slow
 def test_check_passes_on_intact_synthetic_data(tree):
     proc = _run("datasets.check", "--src_rootpath", str(tree / "gta5"), "--tgt_rootpath", str(tree / "cityscapes"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -263,6 +264,7 @@ def test_check_unknown_ids_are_warnings(tree):
                for line in proc.stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_check_missing_roots(tmp_path):
     proc = _run("datasets.check", "--src_rootpath", str(tmp_path / "a"), "--tgt_rootpath", str(tmp_path / "b"))
     assert proc.returncode == 1

@@ -24,6 +24,8 @@ from stages.pseudo_quality import (
 )
 from tests.conftest import run_script, tiny_args
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 IGNORE = 250
 
 

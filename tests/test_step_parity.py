@@ -51,6 +51,8 @@ from tests.helpers import (
     with_module_prefix,
 )
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 PHASE1_DATA = Path(PARITY) / "phase1_step"  # the images of phase1_step_wc and phase1_step_adv too
 WC = Path(PARITY) / "phase1_step_wc" / "phase1_two_steps.npz"
 ADV = Path(PARITY) / "phase1_step_adv" / "phase1_two_steps.npz"

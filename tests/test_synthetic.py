@@ -27,6 +27,7 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_defaults_fast_complete_deterministic(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     roots = generate(tmp_path / "a", seed=1)

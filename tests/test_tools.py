@@ -15,6 +15,8 @@ import torch
 from model import DecoupleNet
 from tests.helpers import REPO, filled_phase1_checkpoint, miou_by_hand
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 SIZE = ["--tgt_img_size", "128,64", "--src_img_size", "128,64", "--resize", "128", "--rcrop", "64,32"]
 
 

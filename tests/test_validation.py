@@ -133,6 +133,7 @@ def test_compute_miou_with_flip_and_scales_predicts_the_softmax_average() -> Non
         assert abs(miou_of(wrong.argmax(1), labels) - miou) > 1e-3, name
 
 
+@pytest.mark.slow
 def test_evaluate_py_flip_and_scales(tmp_path: Path) -> None:
     """``evaluate.py --flip --scales 0.75,1.0`` on generated Cityscapes val images: the saved
     predictions and the mIoU are those of the independent softmax average of the checkpoint's

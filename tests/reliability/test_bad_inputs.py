@@ -40,6 +40,8 @@ from tests.helpers import REPO, miou_by_hand
 from tests.reliability.conftest import copy_data, phase1_argv, phase2_argv
 from tests.reliability.runner import BASE_ENV, Result, digest, one_error_line, temp_files
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 P1_STEPS = ["--batch-size", "1", "--num-steps", "2", "--num-steps-stop", "1"]
 
 

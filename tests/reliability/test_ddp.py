@@ -45,6 +45,8 @@ from tests.helpers import REPO
 from tests.reliability.conftest import phase1_argv
 from tests.reliability.runner import BASE_ENV, temp_files
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 STEPS = 4
 SCHEDULE = ["--batch-size", "2", "--num-steps", str(STEPS), "--num-steps-stop", str(STEPS),
             "--save-pred-every", "100", "--save_latest_every", "2", "--print-every", "1"]

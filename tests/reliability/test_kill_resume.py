@@ -29,6 +29,8 @@ from tests.conftest import IMG_H, IMG_W, assert_same_state, target_train_basenam
 from tests.reliability.conftest import phase1_argv, phase2_argv
 from tests.reliability.runner import temp_files
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 STEPS = 4
 SCHEDULE = ["--batch-size", "1", "--num-steps", str(STEPS), "--num-steps-stop", str(STEPS),
             "--save-pred-every", "2", "--save_latest_every", "1", "--print-every", "1"]

@@ -18,6 +18,8 @@ from tests.helpers import REPO
 from tests.reliability.conftest import copy_data, phase1_argv
 from tests.reliability.runner import one_error_line, temp_files
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 STEPS = ["--batch-size", "1", "--num-steps", "4", "--num-steps-stop", "4", "--save_latest_every", "1"]
 PICKLE_CASES = [("--resume", "torch"), ("--resume", "pickle"), ("--resume_from", "torch"), ("gtav_label_info.p", "pickle")]
 

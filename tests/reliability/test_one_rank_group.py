@@ -19,6 +19,8 @@ from tests.conftest import assert_same_state, run_script
 from tests.reliability.conftest import phase1_argv
 from tests.reliability.runner import BASE_ENV
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
+
 STEPS = 2
 SCHEDULE = ["--batch-size", "1", "--num-steps", str(STEPS), "--num-steps-stop", str(STEPS),
             "--save-pred-every", "100", "--save_latest_every", str(STEPS), "--print-every", "1"]
