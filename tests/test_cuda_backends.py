@@ -24,12 +24,12 @@ from engine.network import backend_settings, prepare_for_inference, prepare_for_
 from model import DecoupleNet
 from stages.options import build_parser, parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint
+from tests.test_inference_precision import _args as inference_args
 from utils.distributed import DistEnv
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
 
 CUDA = DistEnv(device=torch.device("cuda", 0))
-TINY = Path(PARITY) / "cityscapes_tiny"
 
 
 @pytest.fixture
@@ -129,20 +129,12 @@ def _spy_forward(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return seen
 
 
-def _inference_args(stage: str, ckpt: Path, snapshot: Path, *extra: str):
-    snapshot.mkdir(parents=True, exist_ok=True)
-    args = parse_args(stage, "", ["--cpu", "--quiet", "--tgt_rootpath", str(TINY), "--tgt_img_size", "192,96",
-                                  "--resume", str(ckpt), "--num-workers", "0", "--batch_size_val", "1",
-                                  "--snapshot-dir", str(snapshot), *extra])
-    return args
-
-
 def test_soft_labels_convert_network_and_input_and_compile(ckpt, expected, tmp_path, monkeypatch) -> None:
     _force_channels_last(monkeypatch)
     monkeypatch.setattr(engine.network, "COMPILE_BACKEND", "eager")  # dynamo's capture, no code generation: quick
     seen = _spy_forward(monkeypatch)
     out = tmp_path / "soft"
-    args = _inference_args("soft_label", ckpt, tmp_path / "snap", "--output_folder", str(out), "--channels_last",
+    args = inference_args("soft_label", ckpt, tmp_path / "snap", "--output_folder", str(out), "--channels_last",
                            "--compile")
     assert stages.soft_labels.generate_soft_labels(args, DistEnv()) == 3
     assert seen and all(s == {"input": True, "weights": True, "compiled": True} for s in seen), seen
@@ -157,9 +149,9 @@ def test_evaluation_converts_network_and_input_and_compiles(ckpt, tmp_path, monk
     _force_channels_last(monkeypatch)
     monkeypatch.setattr(engine.network, "COMPILE_BACKEND", "eager")  # dynamo's capture, no code generation: quick
     seen = _spy_forward(monkeypatch)
-    args = _inference_args("evaluate", ckpt, tmp_path / "snap", "--channels_last", "--compile")
+    args = inference_args("evaluate", ckpt, tmp_path / "snap", "--channels_last", "--compile")
     result = stages.evaluation.run_evaluation(args, DistEnv())
     assert len(seen) == 2 and all(s == {"input": True, "weights": True, "compiled": True} for s in seen), seen
-    plain = stages.evaluation.run_evaluation(_inference_args("evaluate", ckpt, tmp_path / "plain"), DistEnv())
+    plain = stages.evaluation.run_evaluation(inference_args("evaluate", ckpt, tmp_path / "plain"), DistEnv())
     assert not any(s["input"] or s["weights"] or s["compiled"] for s in seen[2:])
     assert result["miou"] == pytest.approx(plain["miou"], abs=1e-6)

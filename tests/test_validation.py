@@ -5,8 +5,6 @@ cadence and tags of the training scalars in tensorboard."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from engine.trainer import Stage, Trainer
 from engine.validation import EvalSettings, compute_miou, evaluate, tta_probabilities
 from stages.phase1 import Phase1Stage
 from stages.phase2 import Phase2Stage
-from tests.helpers import LABEL_ID_OF_TRAIN_ID, REPO, filled_phase1_checkpoint
+from tests.conftest import run_script
+from tests.helpers import LABEL_ID_OF_TRAIN_ID, filled_phase1_checkpoint
 from utils.distributed import DistEnv
 
 IGNORE = 250
@@ -150,13 +149,12 @@ def test_evaluate_py_flip_and_scales(tmp_path: Path) -> None:
     path = tmp_path / "phase1.pth"
     torch.save(ckpt, path)
     results = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "evaluate.py", "--cpu", "--quiet", "--resume", str(path), "--tgt_rootpath", str(root),
+    run_script(
+        ["evaluate.py", "--cpu", "--quiet", "--resume", str(path), "--tgt_rootpath", str(root),
          "--tgt_img_size", f"{size[0]},{size[1]}", "--num-workers", "0", "--batch_size_val", "2",
          "--flip", "--scales", "0.75,1.0", "--snapshot-dir", str(tmp_path / "eval"),
          "--results_json", str(results), "--save_dir", str(tmp_path / "preds")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     result = json.loads(results.read_text())
     assert result["flip"] is True and result["scales"] == [0.75, 1.0]
 
