@@ -137,7 +137,7 @@ class Phase1Objective(PassObjective):
         self.device = device  # the run's device: the thresholds are all-reduced there
         self.class_thresholds = OnlineClassThresholds(args.num_classes, p=args.conf_p,
                                                       bank_length=args.conf_bank_length, device=device)
-        self.recompute_d1_input = bool(getattr(args, "activation_checkpointing", False))
+        self.recompute_d1_input = bool(args.activation_checkpointing)
 
     def d1_on_image(self, f: Tensor, hw: tuple[int, int] | torch.Size, frozen_d1: bool = False) -> Tensor:
         """D1 on stem features ``f`` upsampled to the image size ``hw`` (``frozen_d1``: through
