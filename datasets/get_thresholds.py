@@ -25,7 +25,6 @@ The computation (docs/METHOD.md section 5) is :mod:`stages.offline_thresholds`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -38,26 +37,19 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from stages.offline_thresholds import ThresholdsError, compute_thresholds, default_output_name, format_report
+from stages.offline_thresholds import (
+    ThresholdsError,
+    build_parser,
+    compute_thresholds,
+    default_output_name,
+    format_report,
+)
 from utils.files import atomic_save_npy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of docs/METHOD.md section 5; returns the exit code (2 for bad input)."""
-    parser = argparse.ArgumentParser(
-        description="Per-class confidence thresholds from saved soft labels (phase 2).",
-    )
-    parser.add_argument("p", metavar="P", type=float, help="rank fraction, e.g. 0.8")
-    parser.add_argument("folder", metavar="FOLDER", help="folder of soft-label .npy files")
-    parser.add_argument(
-        "--output", default=None,
-        help="output file (default: ./<FOLDER>_thresholds_p<P>.npy relative to the working directory, as the original)"
-    )
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes; by default taken from the soft-label files, as the original "
-                             "(19 for Cityscapes, 16 for SYNTHIA). When given, the files must have it")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, nothing printed on success")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     output = args.output if args.output is not None else default_output_name(args.folder, args.p)
     try:
         with warnings.catch_warnings(record=True) as caught:

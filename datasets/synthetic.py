@@ -376,9 +376,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python3 -m datasets.synthetic``."""
+    parser = argparse.ArgumentParser(prog="python3 -m datasets.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=_parse_size, default=(256, 128), help="W,H")
@@ -388,7 +388,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthia", action="store_true", help="also write a SYNTHIA tree")
     parser.add_argument("--gap", type=float, default=1.0,
                         help="target appearance: 1 the usual domain gap, 0 painted like the source, 0.5 half-way")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
     roots = generate(args.out, args.seed, args.size, args.num_source, args.num_target_train,
                      args.num_target_val, args.synthia, gap=args.gap)
     for name, path in roots.items():

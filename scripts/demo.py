@@ -1,42 +1,35 @@
-"""The whole pipeline, end to end, on generated data: a first look without any download.
+"""The demo: ``pipeline.py recipes/demo.yaml`` on generated data, then its figure (docs/DEMO.md).
 
     bash scripts/demo.sh                 # sets up .venv if needed, then runs this
-    python3 scripts/demo.py [--out demo_out] [--quick] [--steps N] [--imagenet PATH]
+    python3 scripts/demo.py [--out demo_out] [--quick] [--seeds 1234] [pipeline.py flags ...]
 
-1. generates small street-like GTA5-layout (source) and Cityscapes-layout (target) trees with
-   ``python3 -m datasets.synthetic`` (the two domains differ in colours, lighting, noise, blur);
-2. writes a ResNet-101 file in the ImageNet (torchvision) format with a **random
-   initialisation**: real ImageNet weights cannot be downloaded here. Pass ``--imagenet
-   pretrained/resnet101-5d3b4d8f.pth`` to start from the real ones;
-3. runs the real scripts, each as its own process, exactly as one would on the real data:
-   ``train_source_only.py`` -> ``train_phase1.py --resume sourceonly.pth`` ->
-   ``generate_soft_label.py`` -> ``datasets/get_thresholds.py 0.8 soft_labels`` (run inside the
-   demo folder, so its output lands there) -> ``train_phase2.py`` -> ``evaluate.py`` on the
-   final checkpoint of every stage;
-4. prints the target-val mIoU of every stage and the accuracy of the pseudo labels each stage
-   trains on (phase 1: the aux classifier's labels; the soft labels' argmax; phase 2: the fused
-   labels), measured against the target *train* ground truth, which the scripts read for
-   monitoring only (``pseudo_acc`` in each run's ``metrics.jsonl``, never a loss); writes
-   ``miou.md`` / ``miou.json`` and a figure (mIoU and pseudo-label accuracy bars + image |
-   ground truth | source-only | phase 1 | phase 2) to ``<out>/demo.png`` and, for a full run
-   with the default ``--out``, to ``figs/demo.png``.
+1. ``pipeline.py recipes/demo.yaml`` (docs/PIPELINE.md) generates small street-like GTA5-layout
+   (source) and Cityscapes-layout (target) trees (``python3 -m datasets.synthetic``), writes a
+   ResNet-101 file in the ImageNet format with a **random initialisation**
+   (``python3 -m model.random_backbone``: real ImageNet weights cannot be downloaded here), runs
+   the real scripts, each as its own process: source-only -> phase 1 -> soft labels -> thresholds
+   -> phase 2 -> ``evaluate.py`` on every training stage's best and final checkpoints, and writes
+   ``<out>/report.md`` and ``report.json``: the target-val mIoU of every stage and the accuracy of
+   the pseudo labels each stage trains on, against the target *train* ground truth, which the
+   scripts read for monitoring only (``pseudo_acc`` in each run's ``metrics.jsonl``, never a loss).
+2. draws the figure from ``report.json``: mIoU and pseudo-label accuracy bars, then image |
+   ground truth | source-only | phase 1 | phase 2 for a few val images, into ``<out>/demo.png``
+   and, for a full run into the default ``--out``, ``figs/demo.png``.
 
-Runs on the GPU when ``torch.cuda.is_available()``, else with ``--cpu``. The numbers are what
-this short run gives on toy data from a random start: they show that the stages run and hand
-over to each other, not the paper's 53.1 mIoU.
+Runs on the GPU when torch sees one, else on the CPU (the recipe's ``device: auto``). A rerun
+continues where it stopped and skips what is finished (``pipeline.py``). The numbers show the
+stages run and hand over on toy data from a random start, not the paper's 53.1 mIoU.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,121 +37,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.files import atomic_open, atomic_write  # after the sys.path line above
+from utils.files import atomic_open  # after the sys.path line above
 
-
-@dataclass
-class Config:
-    size: tuple[int, int]  # W,H of the generated images (and of training / evaluation)
-    crop: tuple[int, int]  # random crop W,H
-    num_source: int
-    num_target_train: int
-    num_target_val: int
-    batch: int
-    steps: tuple[int, int, int]  # source-only, phase 1, phase 2
-    lr: tuple[float, float, float]
-    samples: int  # val images shown in the figure
-    gap: float = 1.0  # target appearance gap of the generated data (datasets.synthetic --gap)
-    bn_only_steps: int = 0  # > 0: also run phase 2 with --learning-rate 0 (only BN statistics move)
-
-
-# From a random start the original's lr (2.5e-4, head 10x) learns too slowly for the short source-only
-# and phase-1 runs; 1e-3 (head 1e-2) is stable with the zero-initialised residual branches below, 1e-2 and
-# 2.5e-3 diverge. Phase 2 keeps the original's 2.5e-4: it starts from phase 1's model, and at 1e-3 its
-# updates cost a further ~4 mIoU points (40 iterations on this data: 18.4 at 1e-3, 22.8 at 2.5e-4).
-# It gets 80 iterations because it recovers with them (22.8 after 40, 26.2 after 80).
-# gap 0.5: the target's colour / lighting / noise / blur difference at half the generator's default, so
-# that the source-only model is not at chance level (about 19 vs 5 mIoU after 100 iterations).
-# bn_only_steps: phase 2 rerun with learning rate 0, a diagnostic of why phase 2 falls below phase 1 here
-# (docs/DEMO.md); 40 iterations renew the BN running statistics (momentum 0.1) many times over.
-FULL = Config(size=(160, 80), crop=(96, 48), num_source=48, num_target_train=24, num_target_val=12, batch=2,
-              steps=(100, 40, 80), lr=(1e-3, 1e-3, 2.5e-4), samples=3, gap=0.5, bn_only_steps=40)
-QUICK = Config(size=(64, 32), crop=(64, 32), num_source=4, num_target_train=2, num_target_val=2, batch=2,
-               steps=(2, 2, 2), lr=(1e-3, 1e-3, 1e-3), samples=1, bn_only_steps=2)
-
-STAGES = ("source-only", "phase 1", "phase 2")
-BN_ONLY = "phase 2 BN-only"  # the optional diagnostic run (Config.bn_only_steps)
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def banner(text: str) -> None:
-    say()
-    say("=" * 78)
-    say(text)
-    say("=" * 78)
-
-
-class Runner:
-    """Runs one script as a subprocess, logs its output to a file, stops the demo on failure."""
-
-    def __init__(self, out: str, verbose: bool) -> None:
-        self.out = out
-        self.log_dir = os.path.join(out, "logs")
-        os.makedirs(self.log_dir, exist_ok=True)
-        self.verbose = verbose
-        self.times: dict[str, float] = {}
-
-    def __call__(self, name: str, args: list[str], cwd: str = REPO) -> None:
-        cmd = [sys.executable, *args]
-        shown = " ".join(a if " " not in a else repr(a) for a in args)
-        say(f"\n[{name}] python3 {shown}")
-        log_path = os.path.join(self.log_dir, f"{name.replace(' ', '_')}.log")
-        t0 = time.time()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if self.verbose:
-                    sys.stdout.write("    " + line)
-            rc = proc.wait()
-        dt = time.time() - t0
-        self.times[name] = dt
-        if rc != 0:
-            with open(log_path, encoding="utf-8") as f:
-                tail = f.readlines()[-30:]
-            say("".join("    " + t for t in tail))
-            say(f"[{name}] FAILED (exit code {rc}) after {dt:.0f}s; full log: {log_path}")
-            sys.exit(1)
-        say(f"[{name}] done in {dt:.0f}s (log: {os.path.relpath(log_path, self.out)})")
-
-
-def common_flags(cfg: Config, data: str, device_flags: list[str], workers: int) -> list[str]:
-    w, h = cfg.size
-    return [
-        *device_flags, "--quiet", "--num-workers", str(workers),
-        "--src_rootpath", os.path.join(data, "gta5"), "--tgt_rootpath", os.path.join(data, "cityscapes"),
-        "--src_img_size", f"{w},{h}", "--tgt_img_size", f"{w},{h}",
-        "--resize", str(w), "--rcrop", f"{cfg.crop[0]},{cfg.crop[1]}",
-        "--batch_size_val", "2", "--print-every", "10",
-    ]
-
-
-def train_flags(cfg: Config, i: int) -> list[str]:
-    n = cfg.steps[i]
-    return ["--batch-size", str(cfg.batch), "--num-steps", str(n), "--num-steps-stop", str(n),
-            "--save-pred-every", str(n), "--learning-rate", str(cfg.lr[i])]
-
-
-def random_resnet101(path: str) -> None:
-    """torchvision's ResNet-101, randomly initialised, saved in the ImageNet file format.
-
-    ``zero_init_residual=True`` (each block's last BatchNorm starts at 0, so every residual
-    block starts as the identity) keeps a 101-layer network trainable from scratch at the
-    demo's learning rate; with torchvision's plain default init the loss diverges.
-    """
-    import torch
-    import torchvision
-
-    from utils.checkpoint import atomic_save
-
-    torch.manual_seed(0)
-    state = torchvision.models.resnet101(weights=None, zero_init_residual=True).state_dict()
-    atomic_save(state, path)
+RECIPE = os.path.join("recipes", "demo.yaml")
+# --quick: the demo recipe at the sizes of the tests (a minute or two on a CPU)
+QUICK = ["data.size=64,32", "data.num_source=6", "data.num_target_train=4", "data.num_target_val=2",
+         "all.src_img_size=64,32", "all.tgt_img_size=64,32", "all.resize=64", "all.rcrop=64,32",
+         "all.num-steps=2", "all.num-steps-stop=2", "all.save-pred-every=1"]
+# The columns of the figure: the final checkpoint of each training stage, in pipeline order.
+STAGES = {"source_only": "source-only", "phase1": "phase 1", "phase2": "phase 2"}
+COLOURS = {"source_only": (206, 112, 20), "phase1": (52, 101, 164), "phase2": (46, 139, 87)}  # draw_pipeline.py's
 
 
 # ------------------------------------------------------------------------------------------------ figure
@@ -191,8 +79,8 @@ class Bar:
     colour: tuple[int, int, int]
 
 
-def draw_figure(path: str, bars: list[Bar], sample_rows: list[list[np.ndarray]], note: str) -> None:
-    """Per-stage mIoU and pseudo-label accuracy bars above rows of image | GT | source-only | phase 1 | phase 2."""
+def draw_figure(path: str, bars: list[Bar], sample_rows: list[list[np.ndarray]], columns: list[str], note: str) -> None:
+    """Per-stage mIoU and pseudo-label accuracy bars above rows of image | ground truth | each stage's prediction."""
     from PIL import Image, ImageDraw
 
     spec = importlib.util.spec_from_file_location("draw_pipeline", os.path.join(REPO, "scripts", "draw_pipeline.py"))
@@ -201,7 +89,7 @@ def draw_figure(path: str, bars: list[Bar], sample_rows: list[list[np.ndarray]],
     spec.loader.exec_module(dp)
 
     tile_w, tile_h, gap = 256, 128, 10
-    cols = ["image", "ground truth", *STAGES]
+    cols = ["image", "ground truth", *columns]
     width = 40 + len(cols) * tile_w + (len(cols) - 1) * gap + 40
     chart_h = 380
     rows_h = len(sample_rows) * (tile_h + gap) + 40
@@ -275,15 +163,16 @@ def draw_figure(path: str, bars: list[Bar], sample_rows: list[list[np.ndarray]],
         img.save(f, format="PNG", optimize=True)
 
 
-def sample_rows(data: str, out: str, count: int) -> list[list[np.ndarray]]:
-    """image | ground truth | prediction of each stage, for the first ``count`` val images."""
+def sample_rows(out: str, seed: str, count: int) -> list[list[np.ndarray]]:
+    """image | ground truth | each stage's final prediction (evaluate.py --save_dir), for the first
+    ``count`` val images of the generated data."""
     import cv2
 
     from datasets.cityscapes import CityscapesDataset
     from datasets.gta5 import read_image, read_label_ids
     from datasets.labels import colorize, encode_labels
 
-    ds = CityscapesDataset(os.path.join(data, "cityscapes"), split="val", img_size=(64, 64))
+    ds = CityscapesDataset(os.path.join(out, "data", "cityscapes"), split="val", img_size=(64, 64))
     rows = []
     for path in ds.files[:count]:
         name = os.path.basename(path)
@@ -291,293 +180,66 @@ def sample_rows(data: str, out: str, count: int) -> list[list[np.ndarray]]:
         gt = colorize(encode_labels(read_label_ids(ds.label_path(path))))
         row = [_tile(img, (256, 128), False), _tile(gt, (256, 128), True)]
         for stage in STAGES:
-            pred = cv2.imread(os.path.join(out, "eval", _slug(stage), "preds", "trainid", name), cv2.IMREAD_GRAYSCALE)
+            pred = cv2.imread(os.path.join(out, f"seed_{seed}", "evaluate", f"{stage}_final", "preds", "trainid", name),
+                              cv2.IMREAD_GRAYSCALE)
             row.append(_tile(colorize(pred), (256, 128), True))
         rows.append(row)
     return rows
 
 
-def pseudo_summary(snapshot: str) -> dict | None:
-    """Pseudo-label accuracy of one training run from its ``metrics.jsonl`` (None without ground truth).
-
-    ``acc``: pooled over the run (correct / scored pixels, all iterations); ``first`` / ``last``:
-    pooled over the first / last quarter of the iterations; ``kept``: mean kept fraction.
-    """
-    path = os.path.join(snapshot, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows or "pseudo_acc" not in rows[0]:
-        return None
-
-    def pooled(part: list[dict]) -> float | None:
-        n = sum(r["pseudo_acc_pixels"] for r in part)
-        return sum(r["pseudo_acc"] * r["pseudo_acc_pixels"] for r in part if r["pseudo_acc"] is not None) / n if n else None
-
-    q = max(1, len(rows) // 4)
-    return {"acc": pooled(rows), "first": pooled(rows[:q]), "last": pooled(rows[-q:]),
-            "kept": sum(r["pseudo_kept"] for r in rows) / len(rows), "per_iteration": [r["pseudo_acc"] for r in rows]}
-
-
-def soft_label_miou(log_path: str) -> float | None:
-    """The soft labels' mIoU against the target train ground truth, from generate_soft_label.py's log."""
-    import re
-
-    with open(log_path, encoding="utf-8") as f:
-        text = f.read()
-    if "vs train ground truth" not in text:
-        return None
-    found = re.findall(r"^mIoU\s+([0-9.]+)\s*$", text.split("vs train ground truth", 1)[1], re.MULTILINE)
-    return float(found[0]) / 100.0 if found else None
-
-
-def soft_label_accuracy(data: str, soft: str) -> float | None:
-    """Pixel accuracy of the soft labels' argmax against the target train ground truth.
-
-    Scored at the logit positions (stride 8, ground truth taken nearest-neighbour there), the way
-    phase 1's ``pseudo_acc`` scores its aux labels; every pixel counts (no threshold).
-    """
-    import torch
-
-    from datasets.cityscapes import CityscapesDataset, soft_label_name
-    from datasets.gta5 import read_label_ids
-    from datasets.labels import encode_labels
-    from stages.pseudo_quality import ground_truth_at_logits, pseudo_label_counts, summarize
-
-    ds = CityscapesDataset(os.path.join(data, "cityscapes"), split="train", img_size=(64, 64))
-    counts = None
-    for path in ds.files:
-        npy = os.path.join(soft, soft_label_name(path))
-        label = ds.label_path(path)
-        if not (os.path.isfile(npy) and os.path.isfile(label)):
-            continue
-        gt = torch.from_numpy(encode_labels(read_label_ids(label)).astype(np.int64))
-        logits = torch.from_numpy(np.load(npy).astype(np.float32))
-        c = pseudo_label_counts(logits.argmax(0), ground_truth_at_logits(gt, logits.shape[-2:]), logits.shape[0])
-        counts = c if counts is None else counts + c
-    return None if counts is None else summarize(counts.numpy(), 19)["acc"]
-
-
-def _pct(v: float | None) -> str:
-    return "\u2013" if v is None else f"{100 * v:.1f}"
-
-
-def _acc_text(p: dict | None) -> str:
-    if not p or p.get("acc") is None:
-        return "\u2013"
-    return f"{_pct(p['acc'])} ({_pct(p['first'])} \u2192 {_pct(p['last'])})"
-
-
-def results_table(results: dict[str, dict], pseudo: dict[str, dict | None]) -> str:
-    """The markdown table: per stage its schedule, mIoU and the accuracy of the pseudo labels it trained on."""
-    lines = [("| stage | iterations | training time (s) | pseudo labels it trains on | kept (%) "
-              "| pseudo-label accuracy (%) | target-val mIoU (%) |"),
-             "|---|---:|---:|---|---:|---:|---:|"]
-
-    def row(stage: str, what: str) -> None:
-        r, p = results[stage], pseudo.get(stage)
-        kept = _pct(p["kept"]) if p and p.get("kept") is not None else "\u2013"
-        lines.append(f"| {stage} | {r['steps']} | {r['train_seconds']:.0f} | {what} | {kept} | {_acc_text(p)} "
-                     f"| {_pct(r['miou'])} |")
-
-    row("source-only", "none (source labels only)")
-    row("phase 1", "aux classifier's labels above the online class thresholds (stride 8)")
-    soft = pseudo.get("soft labels") or {}
-    lines.append(f"| soft labels | \u2013 | \u2013 | argmax of phase 1's prediction, whole train images "
-                 f"(mIoU {_pct(soft.get('miou'))} vs train ground truth) | 100.0 | {_pct(soft.get('acc'))} | \u2013 |")
-    row("phase 2", "soft labels fused with the online prediction, above the class thresholds (crop)")
-    if BN_ONLY in results:
-        row(BN_ONLY, "as phase 2; learning rate 0, so only the BatchNorm statistics change")
-    return "\n".join(lines)
-
-
-def figure_bars(results: dict[str, dict], pseudo: dict[str, dict | None]) -> list[Bar]:
-    """The chart's groups, in pipeline order."""
-    colours = {"source-only": (206, 112, 20), "phase 1": (52, 101, 164), "soft labels": (120, 80, 170),
-               "phase 2": (46, 139, 87), BN_ONLY: (90, 90, 110)}  # draw_pipeline.py's edge colours
+def figure_from_report(out: str, path: str, samples: int = 3) -> None:
+    """``path``: the demo's figure, every number from ``<out>/report.json``."""
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
     bars = []
-    for stage, sub in (("source-only", "source labels only"), ("phase 1", "aux labels"),
-                       ("soft labels", "argmax"), ("phase 2", "fused labels"),
-                       (BN_ONLY, "learning rate 0")):
-        if stage == "soft labels":
-            p = pseudo.get(stage) or {}
-            miou = "" if p.get("miou") is None else f"; train mIoU {_pct(p['miou'])}"
-            bars.append(Bar(f"soft labels\n{sub}{miou}", None, p.get("acc"), colours[stage]))
-        elif stage in results:
-            p = pseudo.get(stage) or {}
-            steps = results[stage]["steps"]
-            bars.append(Bar(f"{stage} ({steps} it)\n{sub}", results[stage]["miou"], p.get("acc"), colours[stage]))
-    return bars
+    for stage, label in STAGES.items():
+        e = report["stages"].get(f"{stage}/final")
+        p = report["pseudo_labels"].get(stage)
+        steps = _iterations(out, report["seeds"][0], stage)
+        sub = {"source_only": "source labels only", "phase1": "aux labels", "phase2": "fused labels"}[stage]
+        bars.append(Bar(f"{label} ({steps} it)\n{sub}", None if e is None else e["miou_mean"] / 100.0,
+                        None if p is None else p["acc_mean"] / 100.0, COLOURS[stage]))
+    n = len(report["seeds"])
+    note = (f"Target-val mIoU of each stage's final checkpoint and the accuracy of the pseudo labels it trains on, "
+            f"{'mean over ' + str(n) + ' seeds' if n > 1 else 'seed ' + report['seeds'][0]} (report.json). Toy data "
+            "from a RANDOMLY initialised backbone and short schedules: the numbers show the stages run and hand "
+            "over, not the paper's result.")
+    draw_figure(path, bars, sample_rows(out, report["seeds"][0], samples), list(STAGES.values()), note)
 
 
-def _slug(stage: str) -> str:
-    return stage.replace(" ", "").replace("-", "_")
+def _iterations(out: str, seed: str, stage: str) -> int | None:
+    args = os.path.join(out, f"seed_{seed}", stage, f"{stage}_args.json")
+    if not os.path.isfile(args):
+        return None
+    with open(args, encoding="utf-8") as f:
+        a = json.load(f)
+    return min(a["num_steps"], a["num_steps_stop"])
 
 
-# ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "demo_out"), help="working folder (default ./demo_out)")
-    parser.add_argument("--quick", action="store_true", help="tiny run (a couple of minutes on a CPU): for tests")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="iterations of each training stage (default: 100 source-only, 40 phase 1, 80 phase 2 "
-                             "and 40 for the BN-only phase-2 check; --quick: 2)")
-    parser.add_argument("--imagenet", default="", help="real ImageNet ResNet-101 file (default: random init)")
+    parser.add_argument("--out", default=os.path.join(REPO, "demo_out"), help="run folder (default ./demo_out)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, two iterations per stage: for tests")
     parser.add_argument("--figure", default=None,
                         help="figure path (default: figs/demo.png for a full run into ./demo_out, else <out>/demo.png)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--keep_states", action="store_true", help="keep the training states latest.pth (large)")
-    parser.add_argument("--verbose", action="store_true", help="show the scripts' output")
-    args = parser.parse_args(argv)
-
-    import torch
-
-    cfg = QUICK if args.quick else FULL
-    if args.steps is not None:
-        if args.steps <= 0:
-            parser.error("--steps must be positive")
-        cfg = dataclasses.replace(cfg, steps=(args.steps,) * 3, bn_only_steps=args.steps if cfg.bn_only_steps else 0)
+    args, rest = parser.parse_known_args(argv)
     out = os.path.abspath(args.out)
     default_out = out == os.path.abspath(os.path.join(REPO, "demo_out"))
-    figure = args.figure or (os.path.join(REPO, "figs", "demo.png") if default_out and not args.quick
-                             else os.path.join(out, "demo.png"))
-    gpu = torch.cuda.is_available() and not args.cpu
-    device_flags = ["--gpus", "0"] if gpu else ["--cpu"]
-    workers = min(4, os.cpu_count() or 1) if gpu else 0
-    t_start = time.time()
-
-    banner("DecoupleNet demo: synthetic GTA5 -> Cityscapes, every stage of the pipeline")
-    say(f"working folder: {out}")
-    say(f"device: {'CUDA (' + torch.cuda.get_device_name(0) + ')' if gpu else 'CPU (--cpu)'}; "
-        f"images {cfg.size[0]}x{cfg.size[1]}, crops {cfg.crop[0]}x{cfg.crop[1]}, batch {cfg.batch}; "
-        f"iterations: source-only {cfg.steps[0]}, phase 1 {cfg.steps[1]}, phase 2 {cfg.steps[2]}")
-    if os.path.isdir(out):
-        for sub in ("data", "runs", "eval", "soft_labels", "logs", "pretrained"):
-            shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
-    run = Runner(out, args.verbose)
-
-    # 1. data
-    data = os.path.join(out, "data")
-    run("data", ["-m", "datasets.synthetic", "--out", data, "--size", f"{cfg.size[0]},{cfg.size[1]}",
-                 "--num_source", str(cfg.num_source), "--num_target_train", str(cfg.num_target_train),
-                 "--num_target_val", str(cfg.num_target_val), "--gap", str(cfg.gap)])
-
-    # 2. backbone file
-    if args.imagenet:
-        imagenet = os.path.abspath(args.imagenet)
-        init_note = f"backbone: ImageNet weights from {args.imagenet}"
-        say(f"\n[backbone] {init_note}")
-    else:
-        os.makedirs(os.path.join(out, "pretrained"), exist_ok=True)
-        imagenet = os.path.join(out, "pretrained", "resnet101_random_init.pth")
-        random_resnet101(imagenet)
-        init_note = "backbone: RANDOM initialisation (no ImageNet weights; none can be downloaded here)"
-        say("\n[backbone] NOTE: real ImageNet weights cannot be downloaded here, so the demo starts from a")
-        say("           RANDOMLY INITIALISED ResNet-101 written in the ImageNet file format:")
-        say(f"           {os.path.relpath(imagenet, out)} (torchvision init, residual branches")
-        say("           zero-initialised, seed 0). Real runs start from pretrained/resnet101-5d3b4d8f.pth")
-        say("           (here: --imagenet PATH).")
-
-    base = common_flags(cfg, data, device_flags, workers)
-    runs = os.path.join(out, "runs")
-    ckpts: dict[str, str] = {}
-
-    # 3. the stages
-    snap = os.path.join(runs, "source_only")
-    run("source-only", ["train_source_only.py", *base, *train_flags(cfg, 0), "--imagenet", imagenet,
-                        "--snapshot-dir", snap])
-    ckpts["source-only"] = os.path.join(snap, "sourceonly.pth")
-
-    snap = os.path.join(runs, "phase1")
-    run("phase 1", ["train_phase1.py", *base, *train_flags(cfg, 1), "--resume", ckpts["source-only"],
-                    "--snapshot-dir", snap])
-    ckpts["phase 1"] = os.path.join(snap, f"GTA5_{cfg.steps[1]}.pth")
-
-    soft = os.path.join(out, "soft_labels")
-    run("soft labels", ["generate_soft_label.py", *base, "--batch-size", "2", "--resume", ckpts["phase 1"],
-                        "--output_folder", soft, "--no_droplast", "--snapshot-dir", os.path.join(runs, "soft_labels")])
-
-    run("thresholds", [os.path.join(REPO, "datasets", "get_thresholds.py"), "0.8", "soft_labels", "--quiet"], cwd=out)
-    thresholds = os.path.join(out, "soft_labels_thresholds_p0.8.npy")
-
-    snap = os.path.join(runs, "phase2")
-    run("phase 2", ["train_phase2.py", *base, *train_flags(cfg, 2), "--resume", ckpts["phase 1"],
-                    "--soft_labels_folder", soft, "--thresholds_path", thresholds, "--snapshot-dir", snap])
-    ckpts["phase 2"] = os.path.join(snap, f"GTA5_{cfg.steps[2]}.pth")
-
-    evaluated = list(STAGES)
-    if cfg.bn_only_steps > 0:  # diagnostic: phase 2 with its weights frozen, only the BN statistics move
-        n = cfg.bn_only_steps
-        snap = os.path.join(runs, "phase2_bn_only")
-        run(BN_ONLY, ["train_phase2.py", *base, "--batch-size", str(cfg.batch), "--num-steps", str(n),
-                      "--num-steps-stop", str(n), "--save-pred-every", str(n), "--learning-rate", "0",
-                      "--resume", ckpts["phase 1"], "--soft_labels_folder", soft, "--thresholds_path", thresholds,
-                      "--snapshot-dir", snap])
-        ckpts[BN_ONLY] = os.path.join(snap, f"GTA5_{n}.pth")
-        evaluated.append(BN_ONLY)
-
-    # 4. evaluation of every stage
-    results: dict[str, dict] = {}
-    for stage in evaluated:
-        folder = os.path.join(out, "eval", _slug(stage))
-        res_json = os.path.join(out, "eval", f"{_slug(stage)}.json")
-        run(f"evaluate {stage}", ["evaluate.py", *base, "--resume", ckpts[stage], "--snapshot-dir", folder,
-                                  "--results_json", res_json, "--save_dir", os.path.join(folder, "preds")])
-        with open(res_json, encoding="utf-8") as f:
-            res = json.load(f)
-        results[stage] = {"miou": res["miou"], "iou": res["iou"],
-                          "steps": cfg.steps[STAGES.index(stage)] if stage in STAGES else cfg.bn_only_steps,
-                          "checkpoint": os.path.relpath(ckpts[stage], out),
-                          "train_seconds": round(run.times[stage], 1)}
-
-    # pseudo-label quality against the target-train ground truth (monitoring only: no loss reads it)
-    pseudo: dict[str, dict | None] = {
-        "phase 1": pseudo_summary(os.path.join(runs, "phase1")),
-        "soft labels": {"miou": soft_label_miou(os.path.join(out, "logs", "soft_labels.log")),
-                        "acc": soft_label_accuracy(data, soft)},
-        "phase 2": pseudo_summary(os.path.join(runs, "phase2")),
-    }
-    if BN_ONLY in results:
-        pseudo[BN_ONLY] = pseudo_summary(os.path.join(runs, "phase2_bn_only"))
-
-    if not args.keep_states:  # training states (hundreds of MB each) and the source-only copy in phase-2 layout
-        for p in [os.path.join(runs, d, "latest.pth") for d in ("source_only", "phase1", "phase2", "phase2_bn_only")] + [
-                os.path.join(runs, "source_only", f"GTA5_{cfg.steps[0]}.pth")]:
-            if os.path.exists(p):
-                os.unlink(p)
-
-    # 5. table, files, figure
-    total = time.time() - t_start
-    table = results_table(results, pseudo)
-    device_text = "CUDA" if gpu else "CPU"
-    footer = (f"{init_note}; synthetic data {cfg.size[0]}x{cfg.size[1]} (target --gap {cfg.gap:g}), "
-              f"{cfg.num_source} source / {cfg.num_target_train} target-train / {cfg.num_target_val} target-val "
-              f"images; {device_text}; whole demo {total:.0f}s. Pseudo-label accuracy: the fraction of the kept "
-              "pseudo-label pixels that equal the target-train ground truth (read for monitoring only, never by a "
-              "loss), pooled over the run (first -> last quarter of its iterations)")
-    banner("target-val mIoU and pseudo-label accuracy per stage")
-    say(table)
-    say()
-    say(footer)
-    atomic_write(os.path.join(out, "miou.md"), lambda f: f.write((table + "\n\n" + footer + "\n").encode()))
-    main_results = {k: v for k, v in results.items() if k in STAGES}
-    summary = {"stages": main_results, "diagnostics": {k: v for k, v in results.items() if k not in STAGES},
-               "pseudo_labels": pseudo, "seconds": round(total, 1), "device": device_text, "init": init_note,
-               "config": {k: v for k, v in vars(cfg).items()}}
-    atomic_write(os.path.join(out, "miou.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    note = (f"{init_note}. Toy data, short schedules ({'/'.join(str(s) for s in cfg.steps)} iterations): "
-            "the numbers show the stages run and hand over, not the paper's result.")
-    if BN_ONLY in results:
-        note += (f" {BN_ONLY}: phase 2 rerun from phase 1 with learning rate 0, so that only the BatchNorm running "
-                 "statistics change (phase 2 puts source images through the target stem and the whole-image pass "
-                 "in train mode, as the original); the mIoU it loses against phase 1 is what those statistics cost.")
-    draw_figure(os.path.join(out, "demo.png"), figure_bars(results, pseudo), sample_rows(data, out, cfg.samples), note)
-    if os.path.abspath(figure) != os.path.join(out, "demo.png"):
+    command = [sys.executable, os.path.join(REPO, "pipeline.py"), RECIPE, "--out", out, "--quiet", "--drop_states",
+               *[a for s in (QUICK if args.quick else []) for a in ("--set", s)], *rest]
+    print("demo: python3 " + " ".join(command[1:]), flush=True)
+    code = subprocess.run(command, cwd=REPO, check=False).returncode
+    if code != 0:
+        return code
+    own = os.path.join(out, "demo.png")
+    figure_from_report(out, own, samples=1 if args.quick else 3)
+    figure = args.figure or (os.path.join(REPO, "figs", "demo.png") if default_out and not args.quick else own)
+    if os.path.abspath(figure) != own:
         os.makedirs(os.path.dirname(os.path.abspath(figure)), exist_ok=True)
-        shutil.copyfile(os.path.join(out, "demo.png"), figure)
-    say(f"\nfigure: {figure}\ntable: {os.path.join(out, 'miou.md')}\ntotal time: {total:.0f}s")
+        shutil.copyfile(own, figure)
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        print("\n" + f.read())
+    print(f"figure: {figure}\nreport: {os.path.join(out, 'report.md')}")
     return 0
 
 

@@ -25,6 +25,7 @@ pixel of that class, as phase 1 does with its thresholds' start value of 0.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import warnings
@@ -373,3 +374,21 @@ def default_output_name(folder: str, p: float) -> str:
     if os.path.isabs(stem):
         return f"{stem}_thresholds_p{p}.npy"
     return os.path.join(".", f"{stem}_thresholds_p{p}.npy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``datasets/get_thresholds.py``'s command line (docs/METHOD.md section 5)."""
+    parser = argparse.ArgumentParser(
+        description="Per-class confidence thresholds from saved soft labels (phase 2).",
+    )
+    parser.add_argument("p", metavar="P", type=float, help="rank fraction, e.g. 0.8")
+    parser.add_argument("folder", metavar="FOLDER", help="folder of soft-label .npy files")
+    parser.add_argument(
+        "--output", default=None,
+        help="output file (default: ./<FOLDER>_thresholds_p<P>.npy relative to the working directory, as the original)"
+    )
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes; by default taken from the soft-label files, as the original "
+                             "(19 for Cityscapes, 16 for SYNTHIA). When given, the files must have it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, nothing printed on success")
+    return parser

@@ -1,5 +1,5 @@
 """The project's import layers run one way: ``utils`` < ``model`` < ``datasets`` < ``engine`` <
-``stages`` < the entry scripts (docs/DESIGN.md, "Layout"). Checked on the source with ``ast``,
+``stages`` < ``runner`` (``pipeline.py``'s) < the entry scripts (docs/DESIGN.md, "Layout"). Checked on the source with ``ast``,
 function-local imports included, so that a cycle cannot hide inside a function. Also: one module
 writes files by temp file + rename, one module reads the test-only ``$DECOUPLENET_FAULT``."""
 
@@ -9,8 +9,8 @@ import ast
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = {"utils": 0, "model": 1, "datasets": 2, "engine": 3, "stages": 4}
-SCRIPTS = 5  # train_*.py, generate_soft_label.py, evaluate.py at the top level
+LAYERS = {"utils": 0, "model": 1, "datasets": 2, "engine": 3, "stages": 4, "runner": 5}
+SCRIPTS = 6  # train_*.py, generate_soft_label.py, evaluate.py, pipeline.py at the top level
 # Entry scripts that live inside a package: the original runs `cd datasets && python3 get_thresholds.py`.
 COMMANDS_IN_PACKAGES = {"datasets.get_thresholds"}
 

@@ -22,6 +22,7 @@ import errno
 import glob
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
@@ -126,3 +127,11 @@ def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)
     return np.lib.format.read_array_header_2_0(f)
+
+
+def move_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename the folder ``src`` to ``dst`` (one rename: all of it or nothing); an old ``dst`` goes first."""
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+    _fsync_folder(os.path.dirname(os.path.abspath(os.fspath(dst))))
