@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a first look: set up .venv (if needed) from requirements.txt, then run the whole
-# pipeline on generated data (scripts/demo.py; results in ./demo_out, figure in figs/demo.png).
-# Usage: bash scripts/demo.sh [--quick] [--steps N] [--out DIR] [--imagenet PATH] ...
+# pipeline (pipeline.py recipes/demo.yaml) on generated data via scripts/demo.py (results in ./demo_out,
+# report in demo_out/report.md, figure in figs/demo.png).
+# Usage: bash scripts/demo.sh [--quick] [--out DIR] [any pipeline.py flag, e.g. --seeds 1234,1235 or --set ...]
 # Needs only Python 3.10+ (and, the first time, network access to install PyTorch & co.).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, tqdm, yaml" 2>/dev/null; then
     echo "installing requirements into .venv (first run: PyTorch is a few GB, a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -r requirements.txt

@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, tqdm, pytest, cityscapesscripts" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, cv2, scipy, tensorboardX, tqdm, yaml, pytest, cityscapesscripts" 2>/dev/null; then
     echo "installing requirements into .venv (first run: PyTorch is a few GB, a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt
