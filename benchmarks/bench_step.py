@@ -7,7 +7,7 @@ objective, one DDP-free process) on random uint8 inputs of the given crop, and, 
 banks in Python lists with a full sort).
 
 ``--configs`` lists configurations (precision and switches: channels_last, cuDNN autotuning,
-TF32, ``--compile``); every (step, configuration) is a candidate. On CUDA (and on the CPU with
+TF32, ``--compile``, ``--deterministic``); every (step, configuration) is a candidate. On CUDA (and on the CPU with
 ``--in_process``) the candidates are built, measured and freed one after the other in this
 process, the peak-memory statistics reset in between, so each peak is that candidate's own; on
 the CPU each candidate otherwise runs in a fresh process (``--rounds``). Each row is printed the
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine.network
 from benchmarks.reference_rules import reference_update
-from engine.network import configure_backends
+from engine.backends import configure_backends, deterministic_environment, set_deterministic
 from model import upsample
 from stages.options import build_parser, finalize
 from utils.distributed import DistEnv
@@ -199,7 +199,8 @@ def count_flops(step) -> float:
 
 
 SAVER = " + checkpointing"  # candidate name suffix: the step with --activation_checkpointing
-MODIFIERS = ("channels_last", "cudnn_benchmark", "tf32_on", "tf32_off", "compile", "fused_on", "fused_off")
+MODIFIERS = ("channels_last", "cudnn_benchmark", "tf32_on", "tf32_off", "compile", "fused_on", "fused_off",
+             "deterministic")
 
 
 def candidate_names(phase: str, baseline: bool, saver: bool = False) -> list[str]:
@@ -232,7 +233,7 @@ def make_args(device: str, crop: tuple[int, int], batch: int, config: str, compi
     for mod, flags in (("channels_last", ["--channels_last"]), ("compile", ["--compile"]),
                        ("cudnn_benchmark", ["--cudnn_benchmark"]), ("tf32_on", ["--tf32", "on"]),
                        ("tf32_off", ["--tf32", "off"]), ("fused_on", ["--fused_optimizers", "on"]),
-                       ("fused_off", ["--fused_optimizers", "off"])):
+                       ("fused_off", ["--fused_optimizers", "off"]), ("deterministic", ["--deterministic"])):
         if mod in c["mods"]:
             argv += flags
     args = finalize(build_parser("phase1", "bench").parse_args(argv), "phase1")
@@ -258,14 +259,19 @@ class BackendFlags:
 
     def __init__(self) -> None:
         self.saved = self.read()
+        self.saved_algorithms = (torch.are_deterministic_algorithms_enabled(),
+                                 torch.is_deterministic_algorithms_warn_only_enabled())
 
     @staticmethod
-    def read() -> tuple[bool, bool, bool]:
-        return (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    def read() -> tuple[bool, bool, bool, bool]:
+        return (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.deterministic)
 
     def restore(self) -> None:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = \
-            self.saved
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.deterministic) = self.saved
+        mode, warn_only = self.saved_algorithms
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def release(device: torch.device) -> None:
@@ -283,6 +289,7 @@ def measure(name: str, config: str, a, crop: tuple[int, int], device: torch.devi
     env = DistEnv(device=device)
     torch.manual_seed(0)
     args = make_args(device.type, crop, a.batch, config, a.compile_backend)
+    set_deterministic(args.deterministic)  # what every rank of a script does first (engine.launch)
     fn = build_step(name, args, env)
     t0 = time.perf_counter()
     fn()  # the first iteration: compilation (--compile), cuDNN autotuning, lazy initialisation
@@ -391,6 +398,9 @@ def main() -> int:
         ["+".join([a.amp, *(["channels_last"] if a.channels_last else []), *(["compile"] if a.compile else [])])]
     for c in configs:
         parse_config(c)
+    # As main_entry: before CUDA initialises. cuBLAS then has this workspace for every candidate of
+    # the run, so +deterministic is compared with the same workspace, the kernels' choice apart.
+    deterministic_environment(any("deterministic" in parse_config(c)["mods"] for c in configs))
     if a.only is not None:
         name, config = json.loads(a.only)
         print("RESULT " + json.dumps(measure(name, config, a, crop, device)))

@@ -18,9 +18,10 @@
 #     fp16 + --fused_optimizers off (the default fuses on CUDA: one host sync per iteration
 #     instead of four); first-iteration and steady-state seconds, peak memory, TFLOP/s, MFU (100);
 #   float32 (--amp off) phase-1 steps: PyTorch's TF32 default, --tf32 on, --tf32 off (40);
+#   a phase-1 fp16 step without and with --deterministic (15);
 #   the online class-threshold update on the GPU (10);
 #   peak memory of the original's loop, ours, ours + --activation_checkpointing, fp16, phases 1-2 (45);
-#   --compile (bf16 + channels_last, phase 1): compile time apart from the steady state (110).
+#   --compile (bf16 + channels_last, phase 1): compile time apart from the steady state (95).
 # In tiny mode (GPU_CHECK_TINY=1: CPU, 64x32 crops, one timed iteration, the eager compile backend)
 # every limit is multiplied by GPU_CHECK_SCALE (default 4), a shared 2-core CPU being far slower.
 # BUDGET_S=360
@@ -76,6 +77,8 @@ limit 100 $PY "${STEP[@]}" --phase 1,2 --iters "$ITERS" --warmup "$WARMUP" --flo
   --configs "$HALF,$HALF+channels_last,bf16+channels_last,$HALF+cudnn_benchmark,$HALF+fused_off"
 echo "-- TF32 in float32 steps: PyTorch's default (convolutions TF32, matmuls float32), --tf32 on, --tf32 off"
 limit 40 $PY "${STEP[@]}" --phase 1 --iters "$TF32_ITERS" --warmup 1 --configs off,off+tf32_on,off+tf32_off
+echo "-- --deterministic (cuDNN deterministic, torch.use_deterministic_algorithms, cuBLAS workspace): its cost"
+limit 15 $PY "${STEP[@]}" --phase 1 --iters "$TF32_ITERS" --warmup 1 --configs "$HALF,$HALF+deterministic"
 echo "-- online class thresholds"
 limit 10 $PY benchmarks/bench_thresholds_online.py --device "$DEV" ${THR[@]+"${THR[@]}"}
 echo "-- peak memory: the original's loop, ours, ours --activation_checkpointing"
@@ -83,7 +86,7 @@ limit 45 $PY benchmarks/bench_memory.py --device "$DEV" --amp "$HALF" --small ""
   --iters 2 --phase 1,2 ${MEM[@]+"${MEM[@]}"}
 if build_tools; then
   echo "-- --compile: compile time (first iteration minus a steady one) and steady state"
-  limit 110 $PY "${STEP[@]}" --phase 1 --iters 3 --warmup 1 --configs bf16+channels_last+compile \
+  limit 95 $PY "${STEP[@]}" --phase 1 --iters 3 --warmup 1 --configs bf16+channels_last+compile \
     --compile_backend "$BACKEND"
 else
   echo "-- --compile: skipped (no C compiler, or no Python.h in ${PYINC:-?}, for Triton)"

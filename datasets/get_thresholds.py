@@ -20,6 +20,13 @@ lines. Printed after the file: per class, the threshold, the pixels whose argmax
 class and the fraction of them kept at ``P`` (winning probability >= threshold). The file is
 written atomically, with the permissions of an ordinary new file (0644 under umask 022).
 
+Beside it, as every script's ``<stage>_args.json`` and ``<stage>_env.json``
+(:mod:`engine.provenance`, docs/RELIABILITY.md "What makes runs comparable"): ``OUTPUT_args.json``
+(the arguments and the output path) and ``OUTPUT_env.json`` (code, versions, the soft-label
+folder's file count and fingerprint), ``OUTPUT`` being the output path without ``.npy``. Named
+after the output, not ``thresholds_*.json``: several thresholds files share one folder (the
+README writes them all into ``datasets/``), and each keeps its own record.
+
 The computation (docs/METHOD.md section 5) is :mod:`stages.offline_thresholds`.
 """
 
@@ -37,6 +44,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from engine import provenance
 from stages.offline_thresholds import (
     ThresholdsError,
     build_parser,
@@ -46,11 +54,19 @@ from stages.offline_thresholds import (
 )
 from utils.files import atomic_save_npy
 
+STAGE = "thresholds"
+
+
+def record_stem(output: str) -> str:
+    """``OUTPUT`` without ``.npy``: the records are ``<stem>_args.json`` and ``<stem>_env.json``."""
+    return output.removesuffix(".npy")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of docs/METHOD.md section 5; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
     output = args.output if args.output is not None else default_output_name(args.folder, args.p)
+    data = provenance.data_fingerprints({"soft_labels": (args.folder, "soft_labels")})  # what is read
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -68,6 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:
         print(f"error: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    stem = record_stem(output)
+    try:
+        rank = provenance.rank_record(0, "cpu")  # NumPy on the CPU, one process
+        provenance.write_records(stem, {**provenance.args_record(args), "output": output},
+                                 provenance.environment(STAGE, [rank], data))
+    except OSError as exc:
+        print(f"error: cannot write {stem}_args.json / {stem}_env.json: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(f"saved {output}: " + " ".join(f"{v:.4f}" for v in thresholds))

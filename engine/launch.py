@@ -1,10 +1,9 @@
 """Launching a script: one-line user errors, ``main_entry``, the per-process workers, start-up
-checks, seeding and the run folder (log, args, tensorboard)."""
+checks, seeding and the run folder (log, args and environment records, tensorboard)."""
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import random
@@ -17,12 +16,14 @@ import numpy as np
 import torch
 
 from datasets.errors import DatasetError
+from engine import provenance
+from engine.backends import deterministic_environment, set_deterministic
 from engine.common import LOG, NonFiniteLossError, RunError, check_versions
 from engine.options import TRAINING_STAGES, OptionError
 from engine.state import resolve_resume_from
 from utils import distributed as du
 from utils.checkpoint import CheckpointError
-from utils.files import atomic_write, remove_stale_temp_files
+from utils.files import remove_stale_temp_files
 
 USER_ERRORS = (DatasetError, CheckpointError, OptionError, NonFiniteLossError, RunError, FileNotFoundError)
 
@@ -72,12 +73,14 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     unless ``--debug``.
     The versions of torch and torchvision (:func:`engine.common.check_versions`) and the files
     named on the command line that every rank needs (``--resume``) are checked first, before
-    anything is written.
+    anything is written. ``--deterministic`` sets ``CUBLAS_WORKSPACE_CONFIG`` here, before CUDA
+    initialises and before the ranks are spawned (:func:`engine.backends.deterministic_environment`).
     """
     debug = args.debug
     try:
         check_versions()
         check_start_files(args)
+        deterministic_environment(args.deterministic)
         du.launch(worker, args)
     except USER_ERRORS as exc:
         if debug:
@@ -112,6 +115,7 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
 
 
 def _run_guarded(fn: Callable[[du.DistEnv, Any], None], spawn_rank: int, args: Any) -> None:
+    set_deterministic(args.deterministic)  # process-wide: in every rank, before any work
     env = du.init_distributed(spawn_rank, args)
     try:
         fn(env, args)
@@ -167,10 +171,11 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
-    """Create the snapshot folder, the rank-0 log file and the tensorboard writer.
+    """Create the snapshot folder, the rank-0 log file and the tensorboard writer. Every rank calls it.
 
     Returns the tensorboardX writer (or ``None``). The resolved arguments and the world size go
-    to ``<name>_args.json``.
+    to ``<name>_args.json``; the code, library versions, GPUs, nodes, determinism and dataset
+    fingerprints to ``<name>_env.json`` (:mod:`engine.provenance`; every rank's part gathered).
     """
     folder = args.snapshot_dir
     stale: list[str] = []
@@ -185,6 +190,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
             raise RunError(f"--snapshot-dir {folder}: not writable ({exc.strerror})") from None
         stale = remove_stale_temp_files(folder)  # left by a run killed while writing a file
     du.barrier(env.device)
+    ranks = du.gather_to_main(provenance.rank_record(env.rank, str(env.device)), env.device)
     LOG.handlers.clear()
     LOG.propagate = False
     LOG.setLevel(logging.INFO if env.is_main else logging.WARNING)
@@ -198,10 +204,9 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
         fh.setFormatter(fmt)
         LOG.addHandler(fh)
         # world_size: from the environment, where <name>_args.json has always had it
-        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-        record["world_size"] = env.world_size
-        atomic_write(os.path.join(folder, f"{name}_args.json"),
-                     lambda f: f.write(json.dumps(record, indent=2, sort_keys=True, default=str)), mode="w")
+        record = {**provenance.args_record(args), "world_size": env.world_size}
+        data = provenance.data_fingerprints(provenance.dataset_roots(args))
+        provenance.write_records(os.path.join(folder, name), record, provenance.environment(name, ranks, data))
         if args.tensorboard:
             from tensorboardX import SummaryWriter
 

@@ -1,16 +1,16 @@
 """Building the network for a run: weights from ``--resume`` or ImageNet, device, SyncBatchNorm,
-``--compile``, the DDP wrapper, the CUDA backend switches (``--cudnn_benchmark``, ``--tf32``)."""
+``--compile``, the DDP wrapper; it applies the CUDA backend switches of :mod:`engine.backends`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from engine.backends import configure_backends
 from engine.common import LOG
 from engine.launch import require_resume_file
 from model import DecoupleNet
@@ -73,49 +73,6 @@ def compile_network(net: DecoupleNet, backend: str = "inductor") -> list[str]:
 def use_channels_last(requested: bool, device: torch.device) -> bool:
     """Whether ``--channels_last`` (``requested``) applies on ``device``: CUDA only (network and input images)."""
     return bool(requested) and device.type == "cuda"
-
-
-def backend_settings(tf32: str, cudnn_benchmark: bool) -> dict[str, bool | None]:
-    """The CUDA backend flags a run sets (``None``: left as PyTorch has it, which is the original's).
-
-    * ``cudnn_benchmark``: ``True`` with ``--cudnn_benchmark``; otherwise untouched (PyTorch's
-      default, off: the original's line ``cudnn.benchmark = True`` is commented out).
-    * ``cudnn_tf32`` / ``matmul_tf32``: ``--tf32 on`` allows TensorFloat-32 in both, ``off`` in
-      neither; ``default`` leaves PyTorch's choice (convolutions TF32, matmuls float32).
-    """
-    allow = {"on": True, "off": False}.get(tf32)
-    return {"cudnn_benchmark": True if cudnn_benchmark else None,
-            "cudnn_tf32": allow, "matmul_tf32": allow}
-
-
-def _describe_backends() -> str:
-    # Reading the legacy flags raises when other code set them through the newer fp32_precision API.
-    with contextlib.suppress(RuntimeError):
-        return (f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 convolutions "
-                f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}, TF32 matmuls "
-                f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
-    return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 set by other code"
-
-
-def configure_backends(tf32: str, cudnn_benchmark: bool, device: torch.device) -> str | None:
-    """Apply :func:`backend_settings` (``--tf32``, ``--cudnn_benchmark``) on a CUDA ``device``
-    (process-wide flags); a no-op on the CPU.
-
-    The legacy ``allow_tf32`` switches are used on every torch version: on torch 2.14 they give no
-    deprecation warning, they exist on the oldest supported torch, and mixing them with the newer
-    ``fp32_precision`` API makes later reads raise (inductor's convolution templates still read
-    ``torch.backends.cudnn.allow_tf32``). Returns the resulting settings in words (``None`` on the CPU).
-    """
-    if device.type != "cuda":
-        return None
-    wanted = backend_settings(tf32, cudnn_benchmark)
-    if wanted["cudnn_benchmark"] is not None:
-        torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
-    if wanted["cudnn_tf32"] is not None:
-        torch.backends.cudnn.allow_tf32 = wanted["cudnn_tf32"]
-    if wanted["matmul_tf32"] is not None:
-        torch.backends.cuda.matmul.allow_tf32 = wanted["matmul_tf32"]
-    return _describe_backends()
 
 
 def prepare_for_training(module: nn.Module, env: du.DistEnv, args: argparse.Namespace,

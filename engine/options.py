@@ -103,6 +103,12 @@ def add_shared_arguments(p: argparse.ArgumentParser, d: Mapping[str, object], tr
                         "algorithms for each new input shape and keep the fastest. Off = cuDNN's default "
                         "choice, as the original (its line is commented out). Often faster for the fixed "
                         "training crop; the chosen algorithms may change the last bits of the results")
+    g.add_argument("--deterministic", action="store_true",
+                   help="reproducible kernels where PyTorch has them: cuDNN deterministic without autotuning, "
+                        "torch.use_deterministic_algorithms (warn only: on CUDA the bilinear upsampling's "
+                        "backward and the 2-D cross entropy have no deterministic kernel and warn once), "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 for every rank. Slower on CUDA; on the CPU runs are "
+                        "deterministic without it. Recorded in <stage>_env.json")
     g.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                    help="CUDA, Ampere and newer: TensorFloat-32 for float32 convolutions and matmuls. "
                         "default = PyTorch's settings untouched (convolutions in TF32, matmuls in full "
@@ -227,6 +233,9 @@ def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namesp
         _check_training_arguments(args)
     if args.num_classes not in (19, 16, 13):
         raise OptionError(f"--num-classes: must be 19, 16 or 13, got {args.num_classes}")
+    if args.deterministic and args.cudnn_benchmark:
+        raise OptionError("--deterministic: cannot be combined with --cudnn_benchmark (autotuning picks the "
+                          "convolution algorithms by timing, so two runs may use different ones); use one of them")
     if training and args.activation_checkpointing and args.compile:
         raise OptionError("--activation_checkpointing: cannot be combined with --compile; use one of them")
     if args.amp is None:

@@ -12,6 +12,7 @@ repository root, with exactly the command it prints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from datasets import synthetic
 from model import random_backbone
 from runner import report as reports
-from runner.execute import ChildProcess, Pipeline, PipelineError, run_unit, say
+from runner.execute import ChildProcess, Pipeline, PipelineError, gpus_used, inputs_of, run_unit, say
 from runner.plan import ENGINE_KINDS, ENGINE_SCRIPTS, REPO, Settings, show
 from runner.recipe import Recipe, RecipeError, apply_overrides, load_recipe
 from stages import offline_thresholds
@@ -46,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(1234 is the scripts' default --random-seed)")
     p.add_argument("--gpus", default=None, help="GPU ids given to every script as --gpus (default: the recipe's)")
     p.add_argument("--cpu", action="store_true", help="give every script --cpu (instead of its --gpus / --dist)")
-    p.add_argument("--launcher", default="local", choices=["local", "torchrun"],
+    p.add_argument("--launcher", default="local", choices=["local", "torchrun", "slurm"],
                    help="local: the commands as the recipe writes them (--dist spawns one process per GPU); "
-                        "torchrun: torchrun --standalone --nproc_per_node N instead of --dist")
+                        "torchrun: torchrun --standalone --nproc_per_node N instead of --dist; slurm: submit each "
+                        "stage as an sbatch job, chained with --dependency=afterok (docs/PIPELINE.md)")
+    p.add_argument("--sbatch_args", default="",
+                   help="--launcher slurm: further sbatch options of every job, e.g. '--partition=gpu --time=24:00:00'")
+    p.add_argument("--only", default=None, metavar="UNIT",
+                   help="run this one stage (e.g. seed_1234/phase1) if it is not finished: what each SLURM job runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FLAG=VALUE",
                    help="override a stage's flag (STAGE 'all': every stage whose script takes it); VALUE true / "
                         "false for switches; repeatable")
@@ -107,7 +113,7 @@ def _record_run(out: str, recipe: Recipe, settings: Settings, argv: Sequence[str
     atomic_write(os.path.join(out, reports.RUN_FILE), lambda f: f.write(json.dumps(record, indent=2)), mode="w")
 
 
-def run_dataset_check(pipeline: Pipeline, child: ChildProcess) -> None:
+def run_dataset_check(pipeline: Pipeline) -> None:
     """``datasets.check`` before the first stage: a wrong root fails in seconds, in one line."""
     argv = pipeline.dataset_check()
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, check=False)
@@ -172,6 +178,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                         gpus=args.gpus, launcher=args.launcher, cpu=cpu)
     pipeline = Pipeline(recipe, settings)
     decisions = pipeline.decisions()
+    if args.only is not None:
+        return _run_only(pipeline, decisions, args)
+    if args.launcher == "slurm":
+        return _submit(pipeline, decisions, args, recipe, settings, argv)
     if args.dry_run:
         return _dry_run(pipeline, decisions)
     child = ChildProcess()
@@ -186,17 +196,102 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if child.signalled is not None:
             raise PipelineError("stopped by a signal between stages; the same pipeline.py command continues", 1)
         if not checked and unit.spec.kind in ENGINE_KINDS:
-            run_dataset_check(pipeline, child)
+            run_dataset_check(pipeline)
             checked = True
         run_unit(pipeline, unit, what, child, args.quiet)
-        state = os.path.join(unit.folder, "latest.pth")
-        if args.drop_states and unit.spec.kind in ("source_only", "phase1", "phase2") and os.path.isfile(state):
-            os.unlink(state)
+        _drop_state(unit, args.drop_states)
     report = reports.write(settings.out, args.latex)
     say(f"\nreport: {show(os.path.join(settings.out, 'report.md'))}, {show(os.path.join(settings.out, 'report.json'))}")
     for key, e in report["stages"].items():
         std = "" if e["miou_std"] is None else f" ± {e['miou_std']:.2f}"
         say(f"  {key}: mIoU {e['miou_mean']:.2f}{std} (n = {e['n']})")
+    return 0
+
+
+def _run_only(pipeline: Pipeline, decisions: dict[str, tuple[str, str]], args: argparse.Namespace) -> int:
+    """``--only UNIT``: that one stage, once the stages it reads have finished (a SLURM job's command)."""
+    if args.only not in pipeline.by_key:
+        raise RecipeError(f"--only {args.only}: no such stage in this run (its stages: "
+                          f"{', '.join(u.key for u in pipeline.units)})")
+    unit = pipeline.by_key[args.only]
+    what, why = decisions[unit.key]
+    if what == "skip":
+        say(f"[{unit.key}] finished earlier: skipped")
+        return 0
+    for key in inputs_of(pipeline, unit):
+        if decisions[key][0] != "skip":
+            raise PipelineError(f"--only {unit.key}: its input {key} has not finished", 2)
+    if why:
+        say(f"[{unit.key}] runs again: {why}")
+    run_unit(pipeline, unit, what, ChildProcess(), args.quiet)
+    _drop_state(unit, args.drop_states)
+    return 0
+
+
+def _drop_state(unit, drop: bool) -> None:
+    state = os.path.join(unit.folder, "latest.pth")
+    if drop and unit.spec.kind in ("source_only", "phase1", "phase2") and os.path.isfile(state):
+        os.unlink(state)
+
+
+def _unit_argv(args: argparse.Namespace, settings: Settings, recipe: Recipe, key: str) -> list[str]:
+    """The command of the SLURM job that runs stage ``key``: this run's flags with ``--only key``."""
+    argv = [sys.executable, "pipeline.py", recipe.path, "--out", settings.out, "--seeds",
+            ",".join(map(str, settings.seeds))]
+    if settings.src is not None:
+        argv += ["--src_rootpath", settings.src, "--tgt_rootpath", str(settings.tgt)]
+    if args.gpus is not None:
+        argv += ["--gpus", args.gpus]
+    if args.cpu:
+        argv.append("--cpu")
+    for override in args.overrides:
+        argv += ["--set", override]
+    argv += [flag for flag, on in (("--quiet", args.quiet), ("--drop_states", args.drop_states)) if on]
+    return [*argv, "--only", key]
+
+
+def _submit(pipeline: Pipeline, decisions: dict[str, tuple[str, str]], args: argparse.Namespace, recipe: Recipe,
+            settings: Settings, argv: list[str]) -> int:
+    """``--launcher slurm``: one requeue-safe sbatch job per stage still to run, each waiting for the one
+    before (``--dependency=afterok``), then a job that writes the report. ``--dry_run`` prints them."""
+    from utils.slurm import SbatchJob, sbatch_command, submit
+
+    extra = shlex.split(args.sbatch_args)
+    logs = os.path.join(settings.out, "slurm")
+    jobs: list[tuple[str, SbatchJob]] = []
+    for unit in pipeline.units:
+        if decisions[unit.key][0] == "skip":
+            continue
+        cmd = pipeline.commands[unit.key]
+        name = unit.key.replace("/", "-")
+        jobs.append((unit.key, SbatchJob(_unit_argv(args, settings, recipe, unit.key), f"decouplenet-{name}",
+                                         os.path.join(logs, f"{name}-%j.out"), gpus_per_node=gpus_used(cmd),
+                                         chdir=REPO, extra=extra)))
+    report = [sys.executable, "pipeline.py", "--report", settings.out] + (["--latex"] if args.latex else [])
+    jobs.append(("report", SbatchJob(report, "decouplenet-report", os.path.join(logs, "report-%j.out"),
+                                     chdir=REPO, requeue=False, extra=extra)))
+    if args.dry_run:
+        previous = None
+        for key, job in jobs:
+            if previous is not None:
+                job = dataclasses.replace(job, dependency=f"<job id of {previous}>")
+            say(f"# {key}")
+            say(shlex.join(sbatch_command(job)))
+            previous = key
+        return 0
+    run_dataset_check(pipeline)
+    _record_run(settings.out, recipe, settings, argv)
+    os.makedirs(logs, exist_ok=True)
+    submitted: dict[str, str] = {}
+    previous_id = None
+    for key, job in jobs:
+        previous_id = submit(dataclasses.replace(job, dependency=previous_id))
+        submitted[key] = previous_id
+        say(f"[{key}] submitted as SLURM job {previous_id}")
+    atomic_write(os.path.join(settings.out, "slurm_jobs.json"), lambda f: f.write(json.dumps(submitted, indent=2)),
+                 mode="w")
+    say(f"{len(jobs)} jobs submitted; logs in {show(logs)}; a failed stage cancels the jobs after it "
+        "(--kill-on-invalid-dep); the same command submits what is left")
     return 0
 
 

@@ -193,7 +193,7 @@ class Pipeline:
                                         "or choose another --out", 2)
                 out[u.key] = ("run", "")
             elif marker.get("identity") != cmd.identity:
-                inputs = [s for s in _inputs(self, u) if s in rerun]
+                inputs = [s for s in inputs_of(self, u) if s in rerun]
                 why = (f"its input {', '.join(inputs)} runs again" if inputs
                        else changed_flags(marker.get("flags", {}), cmd.flags) or "its command changed")
                 out[u.key] = ("rerun", why)
@@ -243,7 +243,7 @@ class Pipeline:
         return found
 
 
-def _inputs(pipeline: Pipeline, unit: Unit) -> list[str]:
+def inputs_of(pipeline: Pipeline, unit: Unit) -> list[str]:
     """The keys of the units whose outputs ``unit`` reads."""
     texts = [str(v) for v in wired_flags(unit, pipeline.recipe, pipeline.settings).values()] + list(unit.spec.args)
     out = []
@@ -291,7 +291,10 @@ class ChildProcess:
 
     def _forward(self, signum: int, _frame: Any) -> None:
         self.signalled = signum
-        if self.proc is not None and self.proc.poll() is None:
+        # In a SLURM job step, SLURM signals every process of the step itself: a second copy of the signal
+        # would make the stage stop without saving (docs/RELIABILITY.md).
+        in_step = "SLURM_STEP_ID" in os.environ or "SLURM_STEPID" in os.environ
+        if self.proc is not None and self.proc.poll() is None and not in_step:
             self.proc.send_signal(signum)
 
     def run(self, argv: list[str], log_path: str | None) -> int:

@@ -65,7 +65,7 @@ class Settings:
     src: str | None  # --src_rootpath (absolute) or None: the recipe's generated data
     tgt: str | None
     gpus: str | None  # --gpus of every engine script, or None: the recipe's
-    launcher: str = "local"  # local: the commands as the recipe has them (--dist spawns); torchrun
+    launcher: str = "local"  # local: the commands as the recipe has them (--dist spawns); torchrun; slurm (jobs)
     cpu: bool = False  # add --cpu to every engine script (the recipe's device: auto without a GPU)
 
 
@@ -199,7 +199,6 @@ def identity(unit: Unit, flags: dict[str, Any], token: Callable[[str, str], str]
         "script": unit.spec.script,
         "args": [fill(a, anonymous, token, settings) for a in unit.spec.args],
         "flags": flag_tokens(kept, lambda v: fill(v, anonymous, token, settings)),
-        "launcher": settings.launcher,
     }
     return hashlib.sha256(json.dumps(text, sort_keys=True).encode()).hexdigest()[:16]
 

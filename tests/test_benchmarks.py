@@ -171,17 +171,19 @@ def test_gpu_check_runs_every_command_at_tiny_sizes(tmp_path) -> None:
     assert float((out / "peak_tflops.txt").read_text()) > 0 and "measured bf16 matmul peak" in stdout
     rows = [json.loads(line) for line in (out / "bench_step.jsonl").read_text().splitlines()]
     measured = {(r["step"], r["config"]) for r in rows}
-    # the grid (fp16 is bf16 on the CPU), the TF32 trio, the compile run: each step printed as measured
-    want = {(f"phase{p} ours", c) for p in (1, 2) for c in ("bf16", "bf16+channels_last", "bf16+cudnn_benchmark",
+    # the grid (fp16 is bf16 on the CPU), the TF32 trio, --deterministic, the compile run: each step printed
+    grid = {(f"phase{p} ours", c) for p in (1, 2) for c in ("bf16", "bf16+channels_last", "bf16+cudnn_benchmark",
                                                                  "bf16+fused_off")}
-    want |= {("phase1 ours", c) for c in ("off", "off+tf32_on", "off+tf32_off", "bf16+channels_last+compile")}
+    want = grid | {("phase1 ours", c) for c in ("off", "off+tf32_on", "off+tf32_off", "bf16+deterministic",
+                                                "bf16+channels_last+compile")}
     assert measured == want, measured ^ want
     for step, config in want:
         assert re.search(rf"^{re.escape(step)}\s+{re.escape(config)}\s+[\d.]+\s+[\d.]+\s+\d+", stdout, re.MULTILINE)
-    assert all(r["flops"] > 0 for r in rows if "tf32" not in r["config"] and r["config"] not in ("off",)
-               and "compile" not in r["config"])
+    for key in grid:  # the grid's line counts FLOPs (the other lines do not)
+        assert any(r["flops"] > 0 for r in rows if (r["step"], r["config"]) == key), key
     compiled = [r for r in rows if "compile" in r["config"]]
     assert compiled[0]["compile_s"] is not None and "compile time" in stdout
+    assert "phase1 ours bf16+deterministic / bf16 = " in stdout
     assert "thresholds identical after every update: yes" in stdout
     for phase in ("1", "2"):
         assert f"phase{phase}: ours / original =" in stdout

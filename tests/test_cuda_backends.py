@@ -20,7 +20,8 @@ import engine.network
 import engine.validation
 import stages.evaluation
 import stages.soft_labels
-from engine.network import backend_settings, prepare_for_inference, prepare_for_training
+from engine.backends import backend_settings
+from engine.network import prepare_for_inference, prepare_for_training
 from model import DecoupleNet
 from stages.options import build_parser, parse_args
 from tests.helpers import PARITY, filled_phase1_checkpoint

@@ -72,7 +72,8 @@ def test_default_output_name(soft_copy: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
 def test_readme_commands_write_next_to_the_folder(tmp_path: Path, umask: int, mode: int) -> None:
     """Both README forms write <root>/datasets/gta2city_soft_labels_thresholds_p0.8.npy (where the
-    phase-2 command reads it), float32, with the mode of an ordinary new file under the umask."""
+    phase-2 command reads it), float32, with the mode of an ordinary new file under the umask, and
+    its records ``..._p0.8_args.json`` / ``_env.json`` beside it."""
     root = tmp_path / "repo"
     shutil.copytree(SOFT, root / "datasets" / "gta2city_soft_labels")
     expected = np.load(f"{PARITY}/thresholds_expected.npz")["p0.8"]
@@ -85,8 +86,12 @@ def test_readme_commands_write_next_to_the_folder(tmp_path: Path, umask: int, mo
         assert result.dtype == np.float32 and result.shape == (19,)
         np.testing.assert_array_equal(result, expected)
         assert oct(target.stat().st_mode & 0o777) == oct(mode)
-        assert not [n for n in os.listdir(cwd) if n not in before and n != target.name]  # nothing else
-        target.unlink()
+        records = [target.with_name(target.stem + suffix) for suffix in ("_args.json", "_env.json")]
+        assert all(oct(r.stat().st_mode & 0o777) == oct(mode) for r in records)  # beside it (tests/test_provenance.py)
+        written = {target.name, *(r.name for r in records)}
+        assert not [n for n in os.listdir(cwd) if n not in before and n not in written]  # nothing else
+        for path in (target, *records):
+            path.unlink()
 
 
 def test_in_process_matches_original_rule_with_ties(tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from datasets.fingerprint import fingerprint
 from model import DecoupleNet
 from tests.conftest import assert_same_state, run_script, tiny_args
 from tests.helpers import PARITY
+from tests.test_provenance import check_env_record
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end or a training loop (tests/README.md)
 
@@ -52,7 +54,7 @@ def run_a(synthetic_data, sourceonly_ckpt, tmp_path_factory):
     shutil.rmtree(snapshot, ignore_errors=True)  # ~1 GB of checkpoints
 
 
-def test_single_process_outputs(run_a) -> None:
+def test_single_process_outputs(run_a, synthetic_data) -> None:
     snapshot, proc = run_a
     assert proc.returncode == 0
     assert "discriminators D1, D2 start fresh" in proc.stdout  # a source-only start has none
@@ -74,7 +76,12 @@ def test_single_process_outputs(run_a) -> None:
         assert_same_state(final[f"{name}_state_dict"], state["extra_modules"][name], f"GTA5_4.pth/{name}")
 
     args = json.loads((snapshot / "phase1_args.json").read_text())
-    assert args["num_steps"] == 4 and args["batch_size"] == 2
+    assert args["num_steps"] == 4 and args["batch_size"] == 2 and args["deterministic"] is False
+    env = json.loads((snapshot / "phase1_env.json").read_text())  # what makes runs comparable
+    check_env_record(env, "phase1")
+    assert env["world_size"] == 1 and env["deterministic"] is False and env["ranks"][0]["cudnn_deterministic"] is False
+    assert env["data"] == {"source": fingerprint(str(synthetic_data["gta5"]), "gta5"),
+                           "target": fingerprint(str(synthetic_data["cityscapes"]), "cityscapes")}
 
     log = (snapshot / "phase1.log").read_text()
     assert "iter 2 validation" in log
