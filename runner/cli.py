@@ -254,7 +254,7 @@ def _submit(pipeline: Pipeline, decisions: dict[str, tuple[str, str]], args: arg
             settings: Settings, argv: list[str]) -> int:
     """``--launcher slurm``: one requeue-safe sbatch job per stage still to run, each waiting for the one
     before (``--dependency=afterok``), then a job that writes the report. ``--dry_run`` prints them."""
-    from utils.slurm import SbatchJob, sbatch_command, submit
+    from utils.slurm import SbatchJob, sbatch_command, submit  # only --launcher slurm needs it
 
     extra = shlex.split(args.sbatch_args)
     logs = os.path.join(settings.out, "slurm")
