@@ -1,21 +1,22 @@
 """On a real one-node SLURM (``scripts/slurm_local.sh``): ``srun`` as the launcher, preemption
 that loses no iteration, and a requeue that resumes exactly.
 
-Phase 1 on the CPU (gloo), 2 ranks, generated data, 4 iterations. Each job is submitted with
-:func:`utils.slurm.submit` (the sbatch command line the pipeline runner submits: ``--requeue``,
-``--signal``, ``--open-mode=append``, the command as an ``srun`` step) and compared with the
+Phase 1 on the CPU (gloo), 2 ranks, generated data, 4 iterations, each job compared with the
 session's uninterrupted ``torchrun`` run of the same schedule:
 
-1. ``srun``, 2 tasks, no ``torchrun``: the final weights and the whole ``latest.pth`` are
-   bit-identical to torchrun's.
-2. ``srun``, 2 tasks; ``scancel --signal=USR1`` while iteration 1 runs (each task waits at the start
-   of iteration 1 until its signal is there: ``hold_at_iter:1``). The job finishes iteration 1,
-   saves ``latest.pth`` to continue from iteration 2, requeues itself (``scontrol requeue``); the
-   requeued job resumes at iteration 2 and finishes bit-identical, each iteration logged once.
-3. one ``srun`` task spawning 2 ranks with ``--dist`` (the one-node job scripts); the signal is
-   sent while rank 0 writes ``latest.pth`` (``hold_mid_write``: the write is held open until the
-   signal is there). The write completes, the job stops after the next iteration, the ``--dist``
-   parent requeues it, and it finishes bit-identical.
+1. ``scripts/slurm/phase1_multinode.sbatch`` (sbatch options and ``EXTRA_ARGS`` shrink it to one
+   node, 2 tasks, no GPU, the tiny run): ``srun`` launches the 2 ranks, no ``torchrun``; the final
+   weights and the whole ``latest.pth`` are bit-identical to torchrun's.
+2. a job submitted with :func:`utils.slurm.submit` (the sbatch command line the pipeline runner
+   submits: ``--requeue``, ``--signal``, ``--open-mode=append``, the command as an ``srun`` step
+   of 2 tasks); ``scancel --signal=USR1`` while iteration 1 runs (each task waits at the start of
+   iteration 1 until its signal is there: ``hold_at_iter:1``). The job finishes iteration 1,
+   saves ``latest.pth`` to continue from iteration 2 and requeues itself (``scontrol requeue``);
+   the requeued job resumes at iteration 2 and finishes bit-identical, each iteration logged once.
+3. ``scripts/slurm/phase1_1node_4gpu.sbatch`` (one ``srun`` task spawning the ranks with
+   ``--dist``, here 2), the signal sent while rank 0 writes ``latest.pth`` (``hold_mid_write``: the
+   write is held open until the signal is there). The write completes, the job stops after the
+   next iteration, the ``--dist`` parent requeues it, and it finishes bit-identical.
 
 SLURM delays a requeued job by about two minutes (``BeginTime``); the tests move its start to
 now with ``scontrol update``. Where SLURM cannot start (packages missing, not root) the tests
@@ -116,6 +117,21 @@ def submit(cluster: Cluster, root: Path, name: str, command: list[str], tasks: i
     return slurm.submit(job, {**cluster.env, **fault}), log
 
 
+def submit_template(cluster: Cluster, root: Path, name: str, tasks: int, extra: list[str],
+                    fault: dict[str, str]) -> tuple[str, Path]:
+    """sbatch ``scripts/slurm/<name>.sbatch`` shrunk to one node, ``tasks`` tasks, no GPU, 20 minutes;
+    ``extra`` (the tiny run's flags) goes in through ``EXTRA_ARGS``."""
+    log = root / f"{name}.log"
+    argv = ["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks}", "--gpus-per-node=0",
+            f"--cpus-per-task={2 // tasks}", "--time=20", f"--output={log}", f"--chdir={REPO}",
+            os.path.join(REPO, "scripts", "slurm", f"{name}.sbatch")]
+    env = {**cluster.env, **fault, "PYTHON": sys.executable, "SRC_ROOT": "unused", "TGT_ROOT": "unused",
+           "EXTRA_ARGS": " ".join(map(str, extra))}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0], log
+
+
 def requeued_run(cluster: Cluster, job_id: str, log: Path, snap: Path) -> tuple[int | None, dict[str, str]]:
     """After the stop: wait for the requeue, note latest.pth's iteration, start the job now, wait for its end."""
     cluster.wait_job(job_id, lambda f: f.get("JobState") == "PENDING" and f.get("Restarts") == "1",
@@ -137,7 +153,8 @@ def jobs(request, cluster, synthetic_data, sourceonly_ckpt, tmp_path_factory) ->
         return [*python, *map(str, phase1_argv(synthetic_data, sourceonly_ckpt, root / name, *extra))]
 
     def plain() -> Chain:
-        job_id, log = submit(cluster, root, "srun", argv("srun", *signal_schedule(), "--resume_from", "auto"), 2, {})
+        job_id, log = submit_template(cluster, root, "phase1_multinode", 2,
+                                      argv("srun", *signal_schedule())[2:], {})
         final = cluster.wait_job(job_id, lambda f: f.get("JobState") in FINAL_STATES, "finished", log)
         return Chain(root / "srun", log, job_id, final)
 
@@ -155,9 +172,9 @@ def jobs(request, cluster, synthetic_data, sourceonly_ckpt, tmp_path_factory) ->
     def usr1_during_write() -> Chain:
         name = "dist_usr1_write"
         snap = root / name
-        job_id, log = submit(cluster, root, name, argv(name, *signal_schedule(save_latest_every=2), "--dist",
-                                                       "--gpus", "0,1", "--resume_from", "auto"), 1,
-                             {"DECOUPLENET_FAULT": "hold_mid_write:latest.pth"})
+        job_id, log = submit_template(cluster, root, "phase1_1node_4gpu", 1,
+                                      [*argv(name, *signal_schedule(save_latest_every=2))[2:], "--gpus", "0,1"],
+                                      {"DECOUPLENET_FAULT": "hold_mid_write:latest.pth"})
         wait_until(lambda: snap.is_dir() and any(p.name.startswith(".latest.pth.") for p in snap.iterdir()),
                    f"job {job_id} writing latest.pth", JOB_TIMEOUT_S,
                    describe=lambda: log.read_text()[-4000:] if log.exists() else "")
