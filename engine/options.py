@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
+from utils.distributed import cuda_usable
+
 # What add_argument_group returns; each stage adds its flags to one (argparse names the class privately).
 ArgumentGroup = argparse._ArgumentGroup
 
@@ -239,10 +241,10 @@ def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namesp
     if training and args.activation_checkpointing and args.compile:
         raise OptionError("--activation_checkpointing: cannot be combined with --compile; use one of them")
     if args.amp is None:
-        args.amp = "fp16" if torch.cuda.is_available() and not args.cpu else "off"
-    if args.amp != "off" and (args.cpu or not torch.cuda.is_available()) and args.amp == "fp16":
+        args.amp = "fp16" if cuda_usable() and not args.cpu else "off"
+    if args.amp != "off" and (args.cpu or not cuda_usable()) and args.amp == "fp16":
         raise OptionError("--amp fp16: needs CUDA; use --amp bf16 or off on the CPU")
-    if args.inference_amp == "fp16" and (args.cpu or not torch.cuda.is_available()):
+    if args.inference_amp == "fp16" and (args.cpu or not cuda_usable()):
         raise OptionError("--inference_amp fp16: needs CUDA; use --inference_amp bf16 or off on the CPU")
     return args
 
@@ -250,7 +252,7 @@ def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namesp
 def _check_training_arguments(args: argparse.Namespace) -> None:
     if args.max_skipped_steps < 0:
         raise OptionError(f"--max_skipped_steps: must be >= 0 (0: never stop), got {args.max_skipped_steps}")
-    if args.fused_optimizers == "on" and (args.cpu or not torch.cuda.is_available()) \
+    if args.fused_optimizers == "on" and (args.cpu or not cuda_usable()) \
             and major_minor(torch.__version__) < (2, 4):
         raise OptionError(f"--fused_optimizers on: the CPU's fused kernels need torch >= 2.4, this is "
                           f"{torch.__version__}; use auto or off")

@@ -23,6 +23,7 @@ from datasets.build import stream
 from datasets.labels import class_names
 from datasets.loader import to_device_image, workers_per_rank
 from engine.common import LOG, NonFiniteLossError, RunError, per_rank, progress
+from engine.launch import stop_run
 from engine.network import build_network, prepare_for_training, unwrap
 from engine.optim import autocast, grad_scaler, set_lr, sgd_for
 from engine.state import (
@@ -37,7 +38,7 @@ from engine.state import (
 from engine.validation import EvalSettings, evaluate, sample_figure, val_loader
 from model import DecoupleNet
 from utils import distributed as du
-from utils import faults
+from utils import faults, signals
 from utils.checkpoint import CheckpointError, atomic_save, safe_load
 from utils.metrics import format_iou_table
 
@@ -219,7 +220,16 @@ class ForwardBackward:
 
 
 class Trainer:
-    """The iteration loop shared by source-only, phase 1 and phase 2 training."""
+    """The iteration loop shared by source-only, phase 1 and phase 2 training.
+
+    A stop request (SIGUSR1 / SIGTERM, :mod:`utils.signals`) travels in the iteration's one
+    all-reduce (:meth:`train_step`), so every rank learns in the same iteration that some rank
+    was asked to stop; they finish it, write ``latest.pth`` and exit (:meth:`stop_after`).
+    """
+
+    # Benchmarks only (benchmarks/bench_stop_agreement.py): False leaves the stop flag out of the
+    # iteration's all-reduce, so that its cost can be measured; stop requests are then ignored.
+    agree_on_stop = True
 
     def __init__(self, stage: Stage, writer: Any, val_loader: DataLoader | None) -> None:
         self.stage = stage
@@ -234,6 +244,7 @@ class Trainer:
         self.start_iter = 0
         self.best_miou = 0.0
         self.best_path: str | None = None
+        self.stop_requested = False  # some rank was asked to stop (agreed in the last train_step)
 
     # ------------------------------------------------------------------ state
     def stage_modules(self) -> dict[str, nn.Module]:
@@ -418,7 +429,9 @@ class Trainer:
         Losses and counts are all-reduced as one float64 tensor: the counts stay exact (below
         2^53), and the float32 losses, summed in float64 and rounded back to float32, are the
         correctly rounded sum over the ranks (float32's own for two ranks); they are then divided
-        by the world size in float32, as before.
+        by the world size in float32, as before. The same tensor carries one more element, 1 on a
+        rank that was asked to stop (:mod:`utils.signals`): its sum sets :attr:`stop_requested`
+        on every rank alike, at no extra collective or host sync (docs/BENCHMARKS.md).
         """
         args, stage, env = self.args, self.stage, self.env
         for opt, base in stage.optimizers.values():
@@ -430,6 +443,9 @@ class Trainer:
         parts = [torch.stack([sums[k] for k in names]).double()]
         if monitor is not None:
             parts.append(monitor.take().double())
+        if self.agree_on_stop:  # a fill on the device: no host-to-device copy, no sync
+            parts.append(torch.full((1,), float(signals.requested() is not None), dtype=torch.float64,
+                                    device=env.device))
         reduced = du.all_reduce_sum(torch.cat(parts), env.device)
         if self.scaler.is_enabled():
             # The scale this iteration's backward used (a device tensor; get_scale() would sync).
@@ -437,8 +453,12 @@ class Trainer:
         host = reduced.cpu()
         n = len(names)
         values = host[:n].float() / env.world_size
+        end = n
         if monitor is not None:
             self.quality = monitor.record(host[n:n + monitor.size].long().numpy())
+            end += monitor.size
+        if self.agree_on_stop:
+            self.stop_requested = bool(host[end] > 0)
         self.check_finite(values, names, it)
         if self.scaler.is_enabled():
             self.check_skipped_steps(it, float(host[-1]))
@@ -526,12 +546,30 @@ class Trainer:
         if (it + 1) % args.save_latest_every == 0:
             self.save_latest(it + 1)
 
+    def stop_after(self, it: int, bar: Any) -> None:
+        """After iteration ``it`` (its checkpoints written) on a stop request agreed by every rank:
+        the training state for iteration ``it + 1`` unless :meth:`save_checkpoints` has just
+        written it, then :func:`engine.launch.stop_run` (one line, :class:`utils.signals.StopRequested`).
+        The resumed run starts at ``it + 1``: no iteration is lost or done twice."""
+        if (it + 1) % self.args.save_latest_every != 0:
+            self.save_latest(it + 1)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        path = os.path.join(self.args.snapshot_dir, LATEST)
+        if self.env.is_main:
+            LOG.info("stop requested: stopping after iteration %d; %s holds the state to continue from iteration %d",
+                     it, path, it + 1)
+        stop_run(self.env, self.args, f"after iteration {it}, {path} holds the state to continue from iteration "
+                                      f"{it + 1}")
+
     def train(self) -> None:
         """The loop. Each iteration: one optimizer update (:meth:`train_step`), its log
         (:meth:`log_iteration`), its checkpoints and ``metrics.jsonl`` line
         (:meth:`save_checkpoints`); after the last one its line, the final checkpoint and the
         training state (see :func:`stop_iteration` for a ``--num-steps-stop`` beyond
-        ``--num-steps``)."""
+        ``--num-steps``). A stop request agreed in an iteration's :meth:`train_step` ends the run
+        after that iteration (:meth:`stop_after`), unless it is the last one."""
         stop, final = stop_iteration(self.args.num_steps, self.args.num_steps_stop)
         batches = self.stage.batches(self.start_iter)
         bar = progress(total=stop, initial=self.start_iter, desc=self.stage.name, env=self.env,
@@ -551,6 +589,8 @@ class Trainer:
                 self.save_checkpoints(it, record)
                 if it == stop - 1 and stop % self.args.save_latest_every != 0:
                     self.save_latest(stop)  # the end of the schedule: a resume has nothing left to do
+                elif self.stop_requested and it != stop - 1:
+                    self.stop_after(it, bar)
         bar.close()
         du.barrier(self.env.device)
         if self.writer is not None:

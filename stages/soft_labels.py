@@ -14,12 +14,13 @@ from datasets.cityscapes import soft_label_name
 from datasets.labels import class_names
 from datasets.loader import to_device_image, to_device_label, workers_per_rank
 from engine.common import LOG, RunError, per_rank, progress
+from engine.launch import stop_run
 from engine.network import build_network, prepare_for_inference, use_channels_last
 from engine.optim import inference_autocast
 from engine.options import ArgumentGroup
 from model import upsample
 from stages.pseudo_quality import all_ranks_agree
-from utils import distributed
+from utils import distributed, signals
 from utils.files import atomic_save_npy, remove_stale_temp_files
 from utils.metrics import format_iou_table, intersection_and_union, mean_iou
 
@@ -52,6 +53,11 @@ def generate_soft_labels(args: Any, env: distributed.DistEnv) -> int:
     to the label's size (the train label resized, nearest, to ``--tgt_img_size``: its own size
     on Cityscapes), argmax, intersections and unions summed over the images written in this
     run and over the ranks. Monitoring only: the soft labels do not depend on it.
+
+    On SIGUSR1 / SIGTERM (:mod:`utils.signals`) each rank finishes the batch it is writing and
+    stops; the ranks learn it from one another in the count's all-reduce, after the loop, and
+    exit with one line saying how to continue (``--skip_existing``, or the requeued SLURM job:
+    :func:`engine.launch.stop_run`). Every file written so far is complete.
     """
 
     if not args.output_folder:
@@ -108,10 +114,17 @@ def generate_soft_labels(args: Any, env: distributed.DistEnv) -> int:
                     except OSError as exc:
                         raise RunError(f"{out}: cannot write soft label ({exc.strerror or exc})") from None
                     written += 1
-    count = torch.tensor([written], dtype=torch.int64, device=env.device)  # NCCL: on the rank's GPU
-    distributed.all_reduce_sum(count, env.device)
+                if signals.requested():  # this batch's files are complete; the rest waits for --skip_existing
+                    break
+    # The files written and whether this rank was asked to stop, summed over the ranks; NCCL: on the rank's GPU
+    totals = torch.tensor([written, int(signals.requested() is not None)], dtype=torch.int64, device=env.device)
+    distributed.all_reduce_sum(totals, env.device)
+    count = totals[0]
     LOG.info("soft labels: %d files written to %s in %.1fs (%d already present)", int(count), args.output_folder,
              time.time() - t0, total - len(dataset.files))
+    if int(totals[1]):
+        stop_run(env, args, f"{total - len(dataset.files) + int(count)} of {total} soft labels are in "
+                            f"{args.output_folder}")
     if with_gt:
         distributed.all_reduce_sum(inter, env.device)
         distributed.all_reduce_sum(union, env.device)

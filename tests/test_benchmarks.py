@@ -206,3 +206,13 @@ def test_gpu_ddp_check_runs_at_tiny_sizes(tmp_path) -> None:
     assert "restarted from iteration 2: yes" in stdout
     assert stdout.count("against the uninterrupted run: bit-identical") == 2
     assert "== DDP check: passed" in stdout
+
+
+def test_stop_agreement_benchmark() -> None:
+    """Under torchrun (one rank here): the three variants and the collective alone are printed."""
+    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                       "--rdzv-endpoint", "127.0.0.1:0", "benchmarks/bench_stop_agreement.py", "--cpu", "--crop",
+                       "64,32", "--iters", "1", "--warmup", "0", "--collectives", "5"])
+    for variant in ("folded", "off", "separate"):
+        assert re.search(rf"^\s+{variant}\s+[\d.]+ s/iter", proc.stdout, re.MULTILINE), proc.stdout
+    assert "one-element all-reduce + host read alone" in proc.stdout, proc.stdout

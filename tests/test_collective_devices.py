@@ -173,6 +173,17 @@ def recorded(synthetic_data, sourceonly_ckpt, tmp_path_factory) -> list[tuple[st
             assert run_in_process("train_phase2", "phase2", [
                 *base, "--resume", sourceonly_ckpt, "--snapshot-dir", root / "p2", "--num-steps", "2", "--num-steps-stop", "2",
                 "--soft_labels_folder", soft, "--thresholds_path", thresholds]) == 0
+            # A stop request from the start (as if SIGUSR1 had come): phase 1 stops after iteration 0,
+            # the soft labels after their first batch; both through engine.launch.stop_run.
+            from utils import signals
+
+            mp.setattr(signals, "requested", lambda: "SIGUSR1")
+            assert run_in_process("train_phase1", "phase1", [
+                *base, "--resume", sourceonly_ckpt, "--snapshot-dir", root / "p1_stopped", "--num-steps", "3",
+                "--num-steps-stop", "3", "--save_latest_every", "100"]) == signals.EXIT_STOPPED
+            assert run_in_process("generate_soft_label", "soft_label", [
+                *base, "--resume", sourceonly_ckpt, "--output_folder", root / "soft_stopped",
+                "--snapshot-dir", root / "s_stopped"]) == signals.EXIT_STOPPED
     finally:
         mp.undo()
         logging.getLogger("decouplenet").handlers.clear()
@@ -198,6 +209,7 @@ def test_every_stage_s_collectives_were_seen(recorded) -> None:
         "pseudo_labels",         # phase 1's class thresholds
         "train_step",            # losses and pseudo-label counts
         "training_state",        # latest.pth: every rank's own state gathered
+        "stop_run",              # barriers around the line of a run stopped on a signal
     }
     assert expected <= callers, f"not reached: {sorted(expected - callers)}; seen {sorted(callers)}"
     tensors = [op for op, _, placed in recorded if placed is not None]

@@ -302,3 +302,32 @@ def test_changed_flag_reruns_exactly_the_stages_it_affects(two_seeds):
     assert (two_seeds / "seed_1234" / "phase2.previous" / "pipeline_stage.json").is_file()
     marker = _load(two_seeds / "seed_1234" / "phase2" / "pipeline_stage.json")
     assert "--learning-rate 1e-3" in marker["command"] and marker["state"] == "finished"
+
+
+def test_slurm_dry_run_prints_the_chained_sbatch_commands(tmp_path):
+    """--launcher slurm --dry_run: one requeue-safe sbatch job per stage, each after the one before
+    (afterok), running this pipeline command for that one stage (--only), then the report's job."""
+    shown = pipeline("recipes/gta5_to_cityscapes.yaml", "--out", str(tmp_path / "r"), "--src_rootpath", "S",
+                     "--tgt_rootpath", "T", "--launcher", "slurm", "--sbatch_args", "--partition=gpu --time=24:00:00",
+                     "--dry_run").stdout
+    jobs = commands(shown)
+    units = ["seed_1234/phase1", "seed_1234/soft_labels", "seed_1234/thresholds", "seed_1234/phase2",
+             *[f"seed_1234/evaluate/{c}" for c in ("phase1_best", "phase1_final", "phase2_best", "phase2_final")]]
+    assert list(jobs) == [*units, "report"]
+    previous = None
+    for unit, argv in jobs.items():
+        assert argv[0] == "sbatch" and "--open-mode=append" in argv and "--partition=gpu" in argv
+        options = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        assert options.get("--dependency") == (None if previous is None else f"afterok:<job id of {previous}>")
+        wrapped = shlex.split(argv[argv.index("--wrap") + 1])
+        assert wrapped[0] == "srun"
+        if unit == "report":
+            assert "--no-requeue" in argv and wrapped[-2:] == ["--report", str(tmp_path / "r")]
+            continue
+        assert "--requeue" in argv and options["--signal"].startswith("USR1@")
+        assert wrapped[wrapped.index("--only") + 1] == unit and "pipeline.py" in wrapped
+        assert wrapped[wrapped.index("--out") + 1] == str(tmp_path / "r") and "--launcher" not in wrapped
+        gpus = "4" if unit.split("/")[1] != "thresholds" else None
+        assert options.get("--gpus-per-node") == gpus
+        previous = unit
+    assert not (tmp_path / "r").exists()

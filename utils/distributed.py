@@ -1,4 +1,10 @@
-"""Distributed helpers: one process, ``--dist --gpus`` spawning, or ``torchrun`` (``env://``).
+"""Distributed helpers: one process, ``--dist --gpus`` spawning, ``torchrun`` (``env://``) or an
+``srun`` step of several tasks (one rank per task, :mod:`utils.slurm`).
+
+Which launcher a process runs under (:func:`launcher`, docs/RELIABILITY.md "Launchers"):
+torchrun's ``RANK`` and ``WORLD_SIZE`` first; then an ``srun`` step of several tasks; then
+``--dist`` spawning; else one process. A half-set or mixed environment is a :class:`LaunchError`
+naming the variable, and so is asking for GPUs that torch does not see (:func:`check_devices`).
 
 Failure handling (see docs/RELIABILITY.md):
 
@@ -23,13 +29,15 @@ import signal
 import socket
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from utils import signals, slurm
 
 
 @dataclass
@@ -41,6 +49,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group: bool = False  # a process group exists (torchrun or --dist, even with one rank): DDP and collectives run
+    launcher: str = "single"  # "single", "dist" (--dist, spawned or one rank), "torchrun" or "srun"
 
     def __post_init__(self) -> None:
         self.group = self.group or self.world_size > 1  # several ranks always share a group
@@ -59,6 +68,127 @@ def find_free_port() -> int:
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class LaunchError(ValueError):
+    """The launch environment or the device flags do not fit together; the message names the
+    variable or flag (a user error: one line, exit code 2)."""
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise LaunchError(f"{name}={environ[name]!r}: not an integer") from None
+
+
+def launcher(args: Any, environ: Mapping[str, str] = os.environ) -> str:
+    """How this process was launched: ``"torchrun"``, ``"srun"``, ``"dist"`` or ``"single"``.
+
+    * ``torchrun``: ``RANK`` and ``WORLD_SIZE`` are set (also under ``srun torchrun``);
+    * ``srun``: a task of an ``srun`` step of several tasks (``SLURM_STEP_ID`` set,
+      ``SLURM_STEP_NUM_TASKS`` > 1), without ``--dist``: each task is one rank. A batch script
+      (``sbatch``) has ``SLURM_NTASKS`` and ``SLURM_PROCID`` but no step, so ``--dist`` there
+      spawns its ranks as anywhere else, and so does one ``srun`` task (``srun --ntasks=1``);
+    * ``dist``: ``--dist`` (one process per entry of ``--gpus``);
+    * ``single``: one process.
+
+    Raises :class:`LaunchError` (or :class:`utils.slurm.SlurmError`) naming the variable for a
+    half-set torchrun environment (one of ``RANK`` / ``WORLD_SIZE``), ``RANK`` / ``WORLD_SIZE``
+    set by hand inside an ``srun`` step of several tasks, ``--dist`` in every task of such a step,
+    and a missing or malformed SLURM variable.
+    """
+    have = [v for v in ("RANK", "WORLD_SIZE") if v in environ]
+    if len(have) == 1:
+        other = "WORLD_SIZE" if have[0] == "RANK" else "RANK"
+        raise LaunchError(f"{have[0]} is set but {other} is not (a half-set torchrun environment): unset {have[0]} "
+                          f"or start the script with torchrun")
+    tasks = slurm.step_tasks(environ)
+    if have:
+        if tasks > 1 and "TORCHELASTIC_RUN_ID" not in environ:
+            raise LaunchError(f"RANK and WORLD_SIZE are set, but not by torchrun, in an srun step of {tasks} tasks: "
+                              f"unset them (each srun task is one rank) or start torchrun in each task")
+        rank, world = _env_int(environ, "RANK"), _env_int(environ, "WORLD_SIZE")
+        if world < 1 or not 0 <= rank < world:
+            raise LaunchError(f"RANK={rank}, WORLD_SIZE={world}: RANK must lie in 0..WORLD_SIZE-1")
+        return "torchrun"
+    if tasks > 1:
+        if args.dist:
+            raise LaunchError(f"--dist: this process is one of {tasks} tasks of an srun step, and --dist would "
+                              f"spawn {len(args.gpus)} ranks in each; drop --dist (srun starts one rank per task) "
+                              f"or start one task (srun --ntasks=1) that spawns them")
+        slurm.srun_task(environ)  # every variable it needs, checked now
+        return "srun"
+    return "dist" if args.dist else "single"
+
+
+def cuda_usable() -> bool:
+    """``torch.cuda.is_available()`` without its warning on stderr (a driver too old, ...):
+    :func:`check_devices` says why in its one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.cuda.is_available()
+
+
+def no_gpu_reason() -> str:
+    """Why torch sees no GPU, as far as torch says: a CPU-only build, ``CUDA_VISIBLE_DEVICES``
+    hiding every GPU, or the message of CUDA's initialisation (no driver, driver too old)."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (visible.strip() == "" or visible.strip().startswith("-1")):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.cuda.init()
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or AssertionError; its text is the reason
+            text = str(exc)
+        else:
+            text = ""
+    text = text or next((str(w.message) for w in caught), "")
+    first = (text.strip().splitlines() or ["torch.cuda.is_available() is False"])[0]
+    return first.rstrip(".")
+
+
+def _visible() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "" if visible is None else f", CUDA_VISIBLE_DEVICES={visible}"
+
+
+def check_devices(args: Any, kind: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Without ``--cpu`` a run asks for GPUs; refuse (:class:`LaunchError`, one line) when torch
+    sees none, or fewer than asked for: ``--gpus`` under ``--dist`` (every entry) or in one
+    process (its first entry), ``LOCAL_RANK`` under torchrun, ``SLURM_LOCALID`` under srun
+    (each task seeing exactly one GPU, as with ``--gpus-per-task=1``, is fine).
+    ``kind`` is :func:`launcher`'s answer."""
+    if args.cpu:
+        return
+    gpus = ",".join(str(g) for g in args.gpus)
+    if not cuda_usable():
+        asked = {"torchrun": "no --cpu: this torchrun worker", "srun": "no --cpu: this srun task"}.get(
+            kind, f"--gpus {gpus}{' --dist' if kind == 'dist' else ''} without --cpu")
+        raise LaunchError(f"{asked} asks for a GPU, but torch sees no GPU ({no_gpu_reason()}); "
+                          f"--cpu trains on the CPU")
+    count = torch.cuda.device_count()
+    if kind == "torchrun":
+        local = _env_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else _env_int(environ, "RANK")
+        if local >= count:
+            raise LaunchError(f"LOCAL_RANK={local}: torch sees {count} GPU(s) on this node{_visible()}; start at most "
+                              f"{count} torchrun process(es) per node (--nproc_per_node)")
+    elif kind == "srun":
+        local = _env_int(environ, "SLURM_LOCALID")
+        if count > 1 and local >= count:
+            raise LaunchError(f"SLURM_LOCALID={local}: torch sees {count} GPUs on this node{_visible()}; start at "
+                              f"most one srun task per GPU (--ntasks-per-node={count})")
+    else:
+        used = args.gpus if kind == "dist" else args.gpus[:1]
+        if len(used) > count:
+            raise LaunchError(f"--gpus {gpus} --dist: asks for {len(used)} GPUs, torch sees {count}{_visible()}")
+        missing = [str(g) for g in used if not 0 <= g < count]
+        if missing:
+            raise LaunchError(f"--gpus {gpus}: no GPU {','.join(missing)}; torch sees {count} "
+                              f"(ids 0..{count - 1}{_visible()})")
 
 
 DEFAULT_TIMEOUT_S = 300.0  # --dist_timeout: longest wait of one rank for the others in a collective
@@ -148,6 +278,14 @@ def _read_traceback(path: str) -> str:
     return text if isinstance(text, str) else ""
 
 
+class RanksStopped(RuntimeError):
+    """Every spawned rank stopped on a signal after saving (exit code :data:`utils.signals.EXIT_STOPPED`)."""
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(f"every rank stopped on {signal_name} after saving")
+
+
 def _join_spawned(ctx: Any, grace_s: float = 10.0) -> None:
     """Wait for every spawned rank; on the first failure stop the others and raise :class:`RankFailure`.
 
@@ -164,9 +302,11 @@ def _join_spawned(ctx: Any, grace_s: float = 10.0) -> None:
         for sentinel in multiprocessing.connection.wait(list(sentinels)):
             i = sentinels.pop(sentinel)
             procs[i].join()
-            if procs[i].exitcode != 0 and failed is None:
+            if procs[i].exitcode not in (0, signals.EXIT_STOPPED) and failed is None:
                 failed = i
     if failed is None:
+        if any(p.exitcode == signals.EXIT_STOPPED for p in procs):  # every rank saved after a stop request
+            raise RanksStopped(signals.requested() or "a signal to the ranks")
         return
     seen = [p.exitcode for p in procs]  # None: still running when the failure was seen
     for p in procs:
@@ -194,12 +334,14 @@ def _join_spawned(ctx: Any, grace_s: float = 10.0) -> None:
 def launch(worker: Callable[[int, Any], None], args: Any) -> None:
     """Run ``worker(spawn_rank, args)`` once per process.
 
-    * ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment): this process is one rank.
+    * ``torchrun`` or ``srun`` (:func:`launcher`): this process is one rank.
     * ``--dist``: spawn one process per entry of ``--gpus`` on a free loopback port. When a rank
-      fails, the others are stopped (SIGTERM) and :class:`RankFailure` names the rank.
+      fails, the others are stopped (SIGTERM) and :class:`RankFailure` names the rank. The stop
+      signals this process gets are passed on to the ranks (:func:`utils.signals.forward_to`);
+      when every rank stopped after saving, :class:`RanksStopped`.
     * otherwise: a single process (first GPU of ``--gpus``, or the CPU with ``--cpu``).
     """
-    if under_torchrun() or not args.dist or len(args.gpus) == 1:
+    if launcher(args) != "dist" or len(args.gpus) == 1:
         worker(-1, args)
         return
     args.dist_url = f"tcp://127.0.0.1:{find_free_port()}"
@@ -210,7 +352,11 @@ def launch(worker: Callable[[int, Any], None], args: Any) -> None:
         if rule not in sys.warnoptions:
             sys.warnoptions.append(rule)
     ctx = mp.start_processes(worker, args=(args,), nprocs=len(args.gpus), join=False, start_method="spawn")
-    _join_spawned(ctx)
+    signals.forward_to([p.pid for p in ctx.processes])
+    try:
+        _join_spawned(ctx)
+    finally:
+        signals.forward_to([])
 
 
 def die_with_parent(_worker_id: int = 0) -> None:
@@ -259,12 +405,17 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     ``torchrun --nproc_per_node 1`` runs the DDP wrapper and every collective, as the original
     always does. A plain single process (neither) has no process group.
     """
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if under_torchrun():
+    use_cuda = cuda_usable() and not args.cpu
+    kind = "dist" if spawn_rank >= 0 else launcher(args)
+    task = slurm.srun_task() if kind == "srun" else None
+    if kind == "torchrun":
         rank = int(os.environ["RANK"])
         world = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
         init_method: str | None = "env://"
+    elif task is not None:  # an srun task: rendezvous at the first node, on the job's port
+        rank, world, local = task.rank, task.world_size, task.local_rank
+        init_method = task.init_method
     elif spawn_rank >= 0:
         rank, world, local = spawn_rank, len(args.gpus), spawn_rank
         init_method = args.dist_url
@@ -275,8 +426,14 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
         rank, world, local = 0, 1, 0
         init_method = None
     if use_cuda:
-        # torchrun: LOCAL_RANK indexes the visible devices; spawned or single: the --gpus entry
-        gpu = local if init_method == "env://" else args.gpus[local]
+        # torchrun: LOCAL_RANK indexes the visible devices; srun: SLURM_LOCALID does, unless each
+        # task sees its own one GPU (--gpus-per-task=1); spawned or single: the --gpus entry
+        if kind == "torchrun":
+            gpu = local
+        elif kind == "srun":
+            gpu = 0 if torch.cuda.device_count() == 1 else local
+        else:
+            gpu = args.gpus[local]
         device = torch.device("cuda", gpu)
         torch.cuda.set_device(device)
     else:
@@ -290,7 +447,8 @@ def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
         else:
             dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank,
                                     timeout=timeout)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, group=init_method is not None)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, group=init_method is not None,
+                   launcher=kind)
 
 
 def cleanup() -> None:

@@ -10,10 +10,16 @@ resumes. Without the variable every hook here does nothing. ``DECOUPLENET_FAULT=
     kill_at_iter:K                  SIGKILL at the start of training iteration K
     nan_at_iter:K                   the total loss of iteration K times NaN
     nan_from_iter:K                 the total loss of iteration K and of every later one times NaN
+    hold_at_iter:K                  at the start of iteration K, wait until this process was asked to
+                                    stop (SIGUSR1 / SIGTERM, utils/signals.py; at most 60 s)
+    hold_mid_write:PATTERN[:N]      hold that write open, its data in the temporary file, until this
+                                    process gets one more stop signal (at most 60 s), then finish it
 
-Under DDP ``DECOUPLENET_FAULT_RANK=R`` limits the fault to rank R (default: every rank). Under
-torchrun a fault fires in the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so that the
-restarted group can finish.
+The two holds let a test send its signal at a known moment: during iteration K, or while a file
+is being written. Under DDP ``DECOUPLENET_FAULT_RANK=R`` limits the fault to rank R (default:
+every rank). A fault fires in the first attempt only: not in a torchrun restart
+(``TORCHELASTIC_RESTART_COUNT`` > 0) nor in a requeued SLURM job (``SLURM_RESTART_COUNT`` > 0),
+so that the restarted run can finish.
 
 Two hooks: the atomic writer (:func:`utils.files.atomic_open`) calls :func:`during_write`, the
 training loop (:class:`engine.trainer.Trainer`) calls :func:`at_iteration`.
@@ -27,12 +33,16 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
+from utils import signals
+
 FAULT_ENV = "DECOUPLENET_FAULT"
 FAULT_RANK_ENV = "DECOUPLENET_FAULT_RANK"
-WRITE_FAULTS = ("kill_before_rename", "kill_mid_write", "enospc")
+WRITE_FAULTS = ("kill_before_rename", "kill_mid_write", "enospc", "hold_mid_write")
+HOLD_LIMIT_S = 60.0  # a hold gives up waiting for its signal after this long
 _matching_writes = [0]  # atomic writes whose file matched the fault's pattern so far
 
 
@@ -52,7 +62,8 @@ def injected_fault() -> tuple[str, str, int] | None:
     fault targets another rank, or this is a torchrun restart)."""
     kind, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
     arg, _, n = rest.partition(":")
-    if not kind or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if not kind or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" \
+            or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         return None
     target = os.environ.get(FAULT_RANK_ENV, "")
     if target and int(target) != _process_rank():
@@ -71,11 +82,22 @@ def _write_fault(path: str) -> str | None:
     return fault[0] if _matching_writes[0] == fault[2] else None
 
 
+def hold_until_signal(more_than: int = 0) -> None:
+    """Wait until this process has received more than ``more_than`` stop signals (at most
+    :data:`HOLD_LIMIT_S`), so that a test knows its signal arrived during the hold."""
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while signals.received() <= more_than and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def during_write(path: str, fd: int, temp_path: str) -> None:
     """The writer's hook: called once the data of ``path`` are in the temporary file ``temp_path``
-    (open as ``fd``) and synced, before the rename. Raises ``OSError(ENOSPC)`` or SIGKILLs this
-    process (after cutting the temporary file to half its size) when the fault asks for it."""
+    (open as ``fd``) and synced, before the rename. Raises ``OSError(ENOSPC)``, SIGKILLs this
+    process (after cutting the temporary file to half its size) or holds the write open until a
+    stop signal arrives, when the fault asks for it."""
     fault = _write_fault(path)
+    if fault == "hold_mid_write":
+        hold_until_signal(signals.received())
     if fault == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), temp_path)
     if fault == "kill_mid_write":
@@ -90,16 +112,19 @@ def _nan_at(it: int, kind: str, first: int) -> bool:
 
 def at_iteration(it: int, losses: MutableMapping[str, Any] | None = None) -> None:
     """The training loop's hook. Without ``losses`` (the start of iteration ``it``): SIGKILL for
-    ``kill_at_iter:it``. With the losses of one of the iteration's passes: ``losses["total"]``
-    becomes NaN (in place) for ``nan_at_iter:it`` and ``nan_from_iter:K`` with ``K <= it``."""
+    ``kill_at_iter:it``, the wait for a stop signal of ``hold_at_iter:it``. With the losses of one
+    of the iteration's passes: ``losses["total"]`` becomes NaN (in place) for ``nan_at_iter:it``
+    and ``nan_from_iter:K`` with ``K <= it``."""
     fault = injected_fault()
     if fault is None:
         return
     kind, arg = fault[0], fault[1]
-    if kind not in ("kill_at_iter", "nan_at_iter", "nan_from_iter"):
+    if kind not in ("kill_at_iter", "nan_at_iter", "nan_from_iter", "hold_at_iter"):
         return
     if losses is None:
         if kind == "kill_at_iter" and it == int(arg):
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hold_at_iter" and it == int(arg):
+            hold_until_signal()
     elif _nan_at(it, kind, int(arg)):
         losses["total"] = losses["total"] * float("nan")

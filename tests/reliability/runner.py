@@ -16,8 +16,9 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class ScriptRunner:
                                      cwd=REPO, env=env)
         self.ids = itertools.count()
         self.jobs: dict[str, list[str]] = {}
+        self.pids: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.buffer = b""
         self._read_until(lambda msg: msg.get("ready"), what="the script server to start")
@@ -73,6 +75,8 @@ class ScriptRunner:
             while b"\n" in self.buffer:
                 line, self.buffer = self.buffer.split(b"\n", 1)
                 msg = json.loads(line)
+                if "pid" in msg:
+                    self.pids[msg["id"]] = msg["pid"]
                 if "returncode" in msg:
                     self.done[msg["id"]] = msg["returncode"]
                 if stop(msg):
@@ -101,6 +105,21 @@ class ScriptRunner:
         self.jobs[job] = argv
         return job
 
+    def pid(self, job: str) -> int:
+        """The process id of a started run (waits for the server to report it)."""
+        if job not in self.pids:
+            self._read_until(lambda msg: msg.get("id") == job and "pid" in msg, what=f"run {job} to start")
+        return self.pids[job]
+
+    def signal(self, job: str, sig: int) -> None:
+        """Send ``sig`` to a started run's process."""
+        os.kill(self.pid(job), sig)
+
+    def output(self, job: str) -> str:
+        """The stdout a running (or ended, not yet collected) run has written so far."""
+        path = Path(self.folder) / f"{job}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def wait(self, job: str, timeout: float = RUN_TIMEOUT_S) -> Result:
         if job not in self.done:
             self._read_until(lambda msg: msg.get("id") == job and "returncode" in msg, what=f"run {job}", timeout=timeout)
@@ -109,6 +128,7 @@ class ScriptRunner:
                         err.read_text(errors="replace"))
         out.unlink()
         err.unlink()
+        self.pids.pop(job, None)
         return result
 
     def run(self, args: Sequence[object], env: Mapping[str, str] | None = None,
@@ -132,6 +152,67 @@ class ScriptRunner:
         for j, job in running:
             results[j] = self.wait(job)
         return results  # type: ignore[return-value]
+
+
+class Watched:
+    """A plain subprocess (a launcher: ``torchrun``, ``--dist``) in the repository root whose output
+    is read as it comes, so that a test can wait for a line and then signal it.
+
+    ``env`` entries are added to the current environment (less any ``DECOUPLENET_FAULT*``) and
+    :data:`BASE_ENV`."""
+
+    def __init__(self, argv: Sequence[object], env: Mapping[str, str] | None = None) -> None:
+        self.argv = [str(a) for a in argv]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DECOUPLENET_FAULT")}
+        full_env.update(BASE_ENV)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=full_env, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
+                        for stream, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        into.extend(stream)  # line by line, as they come
+
+    def text(self) -> str:
+        return "".join(self.out) + "".join(self.err)
+
+    def wait_for(self, needle: str, timeout: float = RUN_TIMEOUT_S) -> None:
+        """Until ``needle`` is in the output so far; fails if the process ends first or on timeout."""
+        wait_until(lambda: needle in self.text(), f"{needle!r} in the output of {' '.join(self.argv)}", timeout,
+                   lambda: self.ended() and needle not in self.text(), self.describe)
+
+    def ended(self) -> bool:
+        """The process has exited and all its output is read."""
+        return self.proc.poll() is not None and not any(r.is_alive() for r in self.readers)
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> Result:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for reader in self.readers:
+            reader.join()
+        return Result(self.argv, self.proc.returncode, "".join(self.out), "".join(self.err))
+
+    def describe(self) -> str:
+        return f"`{' '.join(self.argv)}` (exit {self.proc.poll()})\n--- output ---\n{self.text()[-6000:]}"
+
+
+def wait_until(done: Callable[[], bool], what: str, timeout: float, failed: Callable[[], bool] = lambda: False,
+               describe: Callable[[], str] = lambda: "") -> None:
+    """Poll ``done`` every 0.1 s; an AssertionError naming ``what`` on timeout or when ``failed``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if failed() or time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}\n{describe()}")
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------- checks

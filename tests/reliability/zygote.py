@@ -51,6 +51,7 @@ def run_child(req: dict) -> None:
     os.environ.update(req["env"])
     torch.set_num_threads(int(req["env"].get("OMP_NUM_THREADS", "1")))
     sys.argv = list(req["argv"])
+    sys.orig_argv = [sys.executable, *sys.argv]  # as `python SCRIPT ARGS` has it (the lines that say how to continue)
     sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python SCRIPT` does
     if REPO not in sys.path:
         sys.path.insert(1, REPO)
