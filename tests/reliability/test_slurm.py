@@ -242,3 +242,71 @@ def test_the_local_cluster_stops_cleanly(tmp_path) -> None:
     alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
              Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert alive == [], alive
+
+
+# ---------------------------------------------------------------------------- the runner's chain
+TINY_RECIPE = os.path.join(REPO, "tests", "data", "tiny_recipe.yaml")
+CHAIN_TIMEOUT_S = 1200
+
+
+def submit_chain(cluster: Cluster, out: Path, *extra: str) -> dict[str, str]:
+    """``pipeline.py tests/data/tiny_recipe.yaml --launcher slurm``: its jobs by stage (slurm_jobs.json)."""
+    import json
+
+    done = subprocess.run([sys.executable, "pipeline.py", TINY_RECIPE, "--out", str(out), "--launcher", "slurm",
+                           "--quiet", *extra], cwd=REPO, env=cluster.env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    jobs = json.loads((out / "slurm_jobs.json").read_text())
+    assert list(jobs)[-1] == "report" and len(jobs) == 1 + 2 + 5 + 6  # report, data, backbone, 5 stages, 6 evals
+    return jobs
+
+
+def job_log(out: Path, key: str, job_id: str) -> Path:
+    return out / "slurm" / f"{key.replace('/', '-')}-{job_id}.out"
+
+
+def test_runner_chain_on_the_demo_recipe_finishes(cluster, tmp_path) -> None:
+    """``pipeline.py --launcher slurm`` on the demo recipe at tiny sizes: every stage a job after the
+    one before (afterok), each running the stage through ``pipeline.py --only``; all complete and
+    the last job writes the report."""
+    import json
+
+    out = tmp_path / "chain"
+    jobs = submit_chain(cluster, out)
+    fields = {}
+
+    def ended() -> bool:
+        fields.update(cluster.job(jobs["report"]))
+        return fields.get("JobState") in FINAL_STATES
+    wait_until(ended, "the chain's report job", CHAIN_TIMEOUT_S,
+               describe=lambda: "\n".join(f"{k}: {cluster.job(j).get('JobState')}" for k, j in jobs.items()))
+    for key, job_id in jobs.items():
+        state = cluster.job(job_id)
+        assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (key, state,
+                                                                                   job_log(out, key, job_id).read_text()[-3000:])
+        if key != "report":
+            assert json.loads((out / key / "pipeline_stage.json").read_text())["state"] == "finished", key
+    assert cluster.job(jobs["seed_1234/soft_labels"])["Dependency"] in ("(null)", "")
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["phase2/final"]["n"] == 1
+    assert "runs: python3 train_phase1.py" in job_log(out, "seed_1234/phase1", jobs["seed_1234/phase1"]).read_text()
+
+
+def test_runner_chain_stops_at_a_failed_stage(cluster, tmp_path) -> None:
+    """Phase 1 made to fail (a --resume that does not exist): its job fails with the runner's one
+    line in its log, and the jobs after it never run (cancelled by --kill-on-invalid-dep)."""
+    out = tmp_path / "failing"
+    jobs = submit_chain(cluster, out, "--set", f"phase1.resume={tmp_path / 'missing.pth'}")
+    failed = cluster.wait_job(jobs["seed_1234/phase1"], lambda f: f.get("JobState") in FINAL_STATES,
+                              "ended", job_log(out, "seed_1234/phase1", jobs["seed_1234/phase1"]))
+    assert failed["JobState"] == "FAILED", failed
+    log = job_log(out, "seed_1234/phase1", jobs["seed_1234/phase1"]).read_text()
+    assert "error: seed_1234/phase1 failed with exit code 2" in log, log[-3000:]
+    assert f"--resume {tmp_path / 'missing.pth'}: file not found" in log
+    for key in ("seed_1234/soft_labels", "report"):
+        cluster.wait_job(jobs[key], lambda f: f.get("JobState") in FINAL_STATES, "cancelled",
+                         job_log(out, key, jobs[key]))
+        assert cluster.job(jobs[key])["JobState"] == "CANCELLED"
+    assert not (out / "seed_1234" / "soft_labels").exists()
+    assert cluster.job(jobs["seed_1234/source_only"])["JobState"] == "COMPLETED"
