@@ -6,8 +6,10 @@ Each variant is the predictor ``predict.py`` itself uses (``stages.prediction_to
 ``--size`` without ``--dynamic``), on the same random uint8 images at ``--size``: the forward, the
 upsampling of the logits to the image size and the argmax; no file reading or writing. The network
 is the target branch with fresh (seeded) weights: the speed does not depend on their values. The
-variants are timed in alternation, one call each in turn, and the median wall time per call is
-reported; the predictions are compared with float32's (the share of equal pixels).
+variants are timed in alternation, one call each in turn; the median wall time per call gives the
+images per second, and the median CPU time of the process per call (all threads) is given too,
+which other jobs on a shared machine disturb less. The predictions are compared with float32's
+(the share of equal pixels).
 
     python benchmarks/bench_predict.py [--device cpu] [--size 1024,512] [--batch 1] [--iters 5]
     python benchmarks/bench_predict.py --device cuda --iters 5   # onnxruntime only with its CUDA provider
@@ -93,18 +95,22 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(max(0, args.warmup - 1)):
         for v in variants.values():
             v.predict(images, (height, width))
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.iters):
         for name, v in variants.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             v.predict(images, (height, width))  # returns NumPy: the device has finished
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["pytorch float32"])
-    print(f"{'variant':<44}{'s/call':>9}{'images/s':>10}{'vs float32':>12}{'same pixels':>13}")
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    base, base_cpu = statistics.median(wall["pytorch float32"]), statistics.median(cpu["pytorch float32"])
+    print(f"{'variant':<40}{'s/call':>9}{'images/s':>10}{'vs float32':>12}{'cpu s/call':>12}{'vs float32':>12}"
+          f"{'same pixels':>13}")
     for name in variants:
-        sec = statistics.median(times[name])
+        sec, sec_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
         same = float((preds[name] == preds["pytorch float32"]).mean())
-        print(f"{name:<44}{sec:>9.3f}{args.batch / sec:>10.3f}{base / sec:>11.2f}x{100 * same:>12.2f}%")
+        print(f"{name:<40}{sec:>9.3f}{args.batch / sec:>10.3f}{base / sec:>11.2f}x{sec_cpu:>12.3f}"
+              f"{base_cpu / sec_cpu:>11.2f}x{100 * same:>12.2f}%")
 
 
 if __name__ == "__main__":
