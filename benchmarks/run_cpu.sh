@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every CPU benchmark of docs/BENCHMARKS.md with the arguments used there, in one run; the report
-# is printed and written to ${OUT:-.}/benchmarks_cpu.txt. About 15 minutes on 2 cores (the memory
+# is printed and written to ${OUT:-.}/benchmarks_cpu.txt. About 20 minutes on 2 cores (the memory
 # benchmark alone about 10).
 #   bash benchmarks/run_cpu.sh
 set -euo pipefail
