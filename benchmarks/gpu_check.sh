@@ -17,8 +17,11 @@
 #     original's precision), fp16 + channels_last, bf16 + channels_last, fp16 + --cudnn_benchmark,
 #     fp16 + --fused_optimizers off (the default fuses on CUDA: one host sync per iteration
 #     instead of four); first-iteration and steady-state seconds, peak memory, TFLOP/s, MFU (100);
-#   float32 (--amp off) phase-1 steps: PyTorch's TF32 default, --tf32 on, --tf32 off (40);
+#   float32 (--amp off) phase-1 steps: PyTorch's TF32 default, --tf32 on, --tf32 off (25);
 #   a phase-1 fp16 step without and with --deterministic (15);
+#   predict.py's inference at 1024x512 (benchmarks/bench_predict.py): PyTorch float32, bf16 autocast,
+#     onnxruntime when its CUDA provider is installed (onnxruntime-gpu; the CPU run measures its CPU
+#     provider) (15);
 #   the online class-threshold update on the GPU (10);
 #   peak memory of the original's loop, ours, ours + --activation_checkpointing, fp16, phases 1-2 (45);
 #   --compile (bf16 + channels_last, phase 1): compile time apart from the steady state (95).
@@ -37,10 +40,12 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then  # the same commands, sizes for a 2-core CPU
   DEV=cpu CROP=64,32 BATCH=1 HALF=bf16 ITERS=1 WARMUP=1 TF32_ITERS=1 BACKEND=eager MATMUL_N=256
+  PRED=(--size 64,32 --iters 1 --warmup 0 --bf16 on --onnx off)  # as on a GPU: bf16, no onnxruntime CUDA provider
   THR=(--bank-length 2000 --pixels 500 --repeats 1) MEM=(--in_process) INPROC=(--in_process)
   SCALE=${GPU_CHECK_SCALE:-4}
 else
   DEV=cuda CROP=896,512 BATCH=2 HALF=fp16 ITERS=4 WARMUP=2 TF32_ITERS=2 BACKEND=inductor MATMUL_N=8192
+  PRED=(--size 1024,512 --iters 5 --warmup 2 --onnx auto)
   THR=(--repeats 5) MEM=() INPROC=() SCALE=1
 fi
 exec > >(tee -a "$OUTDIR/gpu_check.txt") 2>&1
@@ -76,9 +81,11 @@ echo "-- training steps: precision, channels_last, cuDNN autotuning (--cudnn_ben
 limit 100 $PY "${STEP[@]}" --phase 1,2 --iters "$ITERS" --warmup "$WARMUP" --flops --peak_tflops "$PEAK" \
   --configs "$HALF,$HALF+channels_last,bf16+channels_last,$HALF+cudnn_benchmark,$HALF+fused_off"
 echo "-- TF32 in float32 steps: PyTorch's default (convolutions TF32, matmuls float32), --tf32 on, --tf32 off"
-limit 40 $PY "${STEP[@]}" --phase 1 --iters "$TF32_ITERS" --warmup 1 --configs off,off+tf32_on,off+tf32_off
+limit 25 $PY "${STEP[@]}" --phase 1 --iters "$TF32_ITERS" --warmup 1 --configs off,off+tf32_on,off+tf32_off
 echo "-- --deterministic (cuDNN deterministic, torch.use_deterministic_algorithms, cuBLAS workspace): its cost"
 limit 15 $PY "${STEP[@]}" --phase 1 --iters "$TF32_ITERS" --warmup 1 --configs "$HALF,$HALF+deterministic"
+echo "-- predict.py inference: PyTorch float32, --inference_amp bf16, onnxruntime (CUDA provider only)"
+limit 15 $PY benchmarks/bench_predict.py --device "$DEV" "${PRED[@]}"
 echo "-- online class thresholds"
 limit 10 $PY benchmarks/bench_thresholds_online.py --device "$DEV" ${THR[@]+"${THR[@]}"}
 echo "-- peak memory: the original's loop, ours, ours --activation_checkpointing"

@@ -17,8 +17,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DatasetError
+from .images import _load_top, _WholeDecode, open_rgb, resize_image
 from .labels import encode_labels, unknown_gta5_ids
-from .transforms import JointAugment, resize_image, resize_label, to_chw_tensor
+from .transforms import JointAugment, resize_label, to_chw_tensor
 
 Key = int | tuple[int, int] | Sequence[int]
 
@@ -56,54 +57,6 @@ def sample_rngs(seed: int, domain: str, epoch: int, index: int
     gen = torch.Generator()
     gen.manual_seed(rng.getrandbits(63))
     return rng, gen
-
-
-def _load_top(im: Image.Image, rows: int | None) -> None:
-    """Decode ``im`` (just opened); with ``rows``, only its top ``rows`` rows where the file
-    allows it (a non-interlaced PNG): PNG stores rows in order, so the rows decoded are the
-    same as in a whole decode, and the rest of the file is never read."""
-    width, height = im.size
-    if rows is not None and 0 < rows < height and im.format == "PNG" and not im.info.get("interlace") \
-            and len(im.tile) == 1 and im.tile[0][0] == "zip" and tuple(im.tile[0][1]) == (0, 0, width, height):
-        tile = im.tile[0]
-        extents = (0, 0, width, rows)
-        try:
-            im.tile = [tile._replace(extents=extents) if hasattr(tile, "_replace")
-                       else (tile[0], extents, *tile[2:])]
-            im._size = (width, rows)
-            im.load_end = lambda: None  # the chunks after the image data are not needed
-            im.load()
-            if im.size == (width, rows):
-                return
-        except (OSError, ValueError, SyntaxError, AttributeError, TypeError):
-            pass
-        raise _WholeDecode
-    im.load()
-
-
-class _WholeDecode(Exception):
-    """The top-rows decode was not possible: decode the whole file."""
-
-
-def open_rgb(path: str, rows: int | None = None) -> Image.Image:
-    """Decode an image file with PIL as an RGB image; DatasetError naming the file if it fails.
-
-    PIL decodes as the original does (``Image.open``); an image stored in another mode
-    (grey, palette, RGBA) is converted to RGB. ``rows``: only the top rows are needed (the
-    image returned may hold only those).
-    """
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: image file not found")
-    for top in (rows, None):
-        try:
-            with Image.open(path) as im:
-                _load_top(im, top)
-                return im if im.mode == "RGB" else im.convert("RGB")
-        except _WholeDecode:
-            continue
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            break
-    raise DatasetError(f"{path}: cannot read image (corrupt or not an image)") from None
 
 
 def image_size(path: str, what: str = "image") -> tuple[int, int]:

@@ -138,3 +138,10 @@ def colorize(train_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = np.where((arr >= 0) & (arr < 256), arr, IGNORE_LABEL).astype(np.uint8)
     return table[arr]
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, num_classes: int = 19, alpha: float = 0.5) -> np.ndarray:
+    """The palette colours of ``train_ids`` [H, W] blended over the RGB ``image`` [H, W, 3]:
+    ``(1 - alpha) * image + alpha * colour``, rounded to uint8 (:func:`colorize`'s colours)."""
+    mixed = image.astype(np.float32) * (1.0 - alpha) + colorize(train_ids, num_classes).astype(np.float32) * alpha
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

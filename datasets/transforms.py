@@ -40,17 +40,6 @@ def pil_rgb(img: np.ndarray | Image.Image) -> Image.Image:
     return Image.fromarray(img)
 
 
-def resize_image(img: Image.Image, size_wh: Sequence[int]) -> Image.Image:
-    """PIL ``img.resize(size, Image.BILINEAR)``, as the original resizes every image.
-
-    PIL's bilinear filter widens with the scale when it shrinks (it antialiases), unlike
-    OpenCV's ``INTER_LINEAR``. A resize to the image's own size is a copy in PIL, so it is
-    skipped here (same pixels).
-    """
-    size = (int(size_wh[0]), int(size_wh[1]))
-    return img if img.size == size else img.resize(size, Image.BILINEAR)
-
-
 def resize_label(label: np.ndarray, size_wh: Sequence[int]) -> np.ndarray:
     """PIL ``Image.resize(size, Image.NEAREST)`` of an HxW label array (skipped if same size)."""
     w, h = int(size_wh[0]), int(size_wh[1])

@@ -6,6 +6,9 @@ each script's parser from both.
 Every flag of the original keeps its name, default and meaning, except ``--thresholds_path``
 of phase 2, which has no default (the original's ``avg`` names no file). Flags the original has
 but never reads are accepted and ignored (listed under "ignored" in ``--help``).
+
+No torch import at the top: ``predict.py --onnx`` builds its parser from this module without
+loading torch (docs/INFERENCE.md).
 """
 
 from __future__ import annotations
@@ -14,10 +17,6 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
-
-import torch
-
-from utils.distributed import cuda_usable
 
 # What add_argument_group returns; each stage adds its flags to one (argparse names the class privately).
 ArgumentGroup = argparse._ArgumentGroup
@@ -33,6 +32,11 @@ IGNORED_FLAGS = ["--random-mirror", "--random-scale", "--is-training", "--not-re
                  "--used_save_pseudo"]
 
 
+# --tgt_img_size's default: the size Cityscapes images are validated and evaluated at (predict.py's
+# --size default too).
+TGT_IMG_SIZE = "2048,1024"
+
+
 class OptionError(ValueError):
     """A command-line value is wrong; the message names the flag."""
 
@@ -43,7 +47,8 @@ def major_minor(version: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _size(text: str, flag: str) -> tuple[int, int]:
+def parse_size(text: str, flag: str) -> tuple[int, int]:
+    """``"W,H"`` as two positive integers; :class:`OptionError` naming ``flag`` otherwise."""
     try:
         w, h = (int(v) for v in text.split(","))
     except ValueError:
@@ -51,6 +56,17 @@ def _size(text: str, flag: str) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise OptionError(f"{flag}: sizes must be positive, got {text!r}")
     return w, h
+
+
+def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
+    """Comma-separated positive test scales (``"0.75,1.0,1.25"``); :class:`OptionError` naming ``flag``."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not scales or min(scales) <= 0:
+        raise OptionError(f"{flag}: scales must be positive, got {scales}")
+    return scales
 
 
 def new_parser(description: str) -> argparse.ArgumentParser:
@@ -140,7 +156,7 @@ def add_shared_arguments(p: argparse.ArgumentParser, d: Mapping[str, object], tr
     g.add_argument("--tgt_rootpath", default="datasets/cityscapes")
     g.add_argument("--src_img_size", default=None,
                    help="W,H source images are resized to (default 1914,1052 GTA5, 1280,760 SYNTHIA)")
-    g.add_argument("--tgt_img_size", default="2048,1024", help="W,H Cityscapes images are resized to")
+    g.add_argument("--tgt_img_size", default=TGT_IMG_SIZE, help="W,H Cityscapes images are resized to")
     g.add_argument("--resize", type=int, default=2200, help="random-resize base width")
     g.add_argument("--rcrop", default="896,512", help="random crop W,H")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
@@ -200,13 +216,13 @@ def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namesp
         raise OptionError(f"--gpus: expected comma-separated integers, got {args.gpus!r}") from None
     if not args.gpus:
         args.gpus = [0]
-    args.rcrop = _size(args.rcrop, "--rcrop") if isinstance(args.rcrop, str) else tuple(args.rcrop)
+    args.rcrop = parse_size(args.rcrop, "--rcrop") if isinstance(args.rcrop, str) else tuple(args.rcrop)
     if args.src_img_size is None:
         args.src_img_size = "1280,760" if args.src_dataset == "synthia" else "1914,1052"
     if isinstance(args.src_img_size, str):
-        args.src_img_size = _size(args.src_img_size, "--src_img_size")
+        args.src_img_size = parse_size(args.src_img_size, "--src_img_size")
     if isinstance(args.tgt_img_size, str):
-        args.tgt_img_size = _size(args.tgt_img_size, "--tgt_img_size")
+        args.tgt_img_size = parse_size(args.tgt_img_size, "--tgt_img_size")
     if isinstance(args.clrjit_params, str):
         try:
             vals = tuple(float(v) for v in args.clrjit_params.split(","))
@@ -249,7 +265,17 @@ def finalize_shared(args: argparse.Namespace, training: bool) -> argparse.Namesp
     return args
 
 
+def cuda_usable() -> bool:
+    """:func:`utils.distributed.cuda_usable`, imported here, not at the top: light tools
+    (``predict.py --onnx``) read this module without torch."""
+    from utils.distributed import cuda_usable as usable  # torch only when options are checked
+
+    return usable()
+
+
 def _check_training_arguments(args: argparse.Namespace) -> None:
+    import torch  # see cuda_usable
+
     if args.max_skipped_steps < 0:
         raise OptionError(f"--max_skipped_steps: must be >= 0 (0: never stop), got {args.max_skipped_steps}")
     if args.fused_optimizers == "on" and (args.cpu or not cuda_usable()) \

@@ -20,9 +20,10 @@ from datasets.loader import to_device_image, to_device_label, workers_per_rank
 from engine.common import per_rank, progress
 from engine.network import use_channels_last
 from engine.optim import inference_autocast
-from model import DecoupleNet
+from model import DecoupleNet, upsample
 from utils import distributed as du
 from utils.metrics import intersection_and_union, mean_iou
+from utils.tta import TTAOps, combine_passes
 
 
 @dataclass(frozen=True)
@@ -64,32 +65,28 @@ class Evaluation:
     sample: dict
 
 
+def _torch_rescale(x: Tensor, s: float) -> Tensor:
+    return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=True)
+
+
+TORCH_TTA_OPS = TTAOps(rescale=_torch_rescale, upsample=lambda y, hw: upsample(y.float(), hw),
+                       mirror=lambda t: torch.flip(t, dims=(3,)), softmax=lambda t: F.softmax(t, 1))
+
+
 def tta_probabilities(net: torch.nn.Module, img: Tensor, out_hw: tuple[int, int] | torch.Size, inference_amp: str,
                       device: torch.device, scales: tuple[float, ...] = (1.0,), flip: bool = False,
                       plain: Callable[[Tensor], None] | None = None) -> Tensor:
-    """The class scores whose argmax is the prediction of ``img`` (docs/METHOD.md section 7).
-
-    One pass per scale (``img`` resized with ``interp`` by the factor) and, with ``flip``, one more
-    on its left-right mirror; each pass's logits are upsampled (``interp``) to ``out_hw`` in
-    float32 and a mirrored pass's are flipped back along the width. A single plain pass returns
-    its logits; several passes return the sum of their softmax. ``plain`` receives the upsampled
-    logits of the plain pass (scale 1.0, not mirrored), if there is one.
+    """The class scores whose argmax is the prediction of ``img`` (docs/METHOD.md section 7):
+    :func:`utils.tta.combine_passes` (the passes over ``scales`` and ``flip``, their logits
+    upsampled to ``out_hw`` in float32, ``plain``) with PyTorch's operations. ``--inference_amp``
+    applies to the network's forward only.
     """
-    total = None
-    for s in scales:
-        x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=True)
-        for mirrored in (False, True) if flip else (False,):
-            xi = torch.flip(x, dims=(3,)) if mirrored else x
-            with inference_autocast(inference_amp, device):
-                logits = net(xi)
-            logits = F.interpolate(logits.float(), size=tuple(out_hw), mode="bilinear", align_corners=True)
-            if mirrored:
-                logits = torch.flip(logits, dims=(3,))  # back along the width, so pixels line up again
-            elif s == 1.0 and plain is not None:
-                plain(logits)
-            p = F.softmax(logits, 1) if len(scales) > 1 or flip else logits
-            total = p if total is None else total + p
-    return total
+
+    def forward(x: Tensor) -> Tensor:
+        with inference_autocast(inference_amp, device):
+            return net(x)
+
+    return combine_passes(img, tuple(out_hw), forward, TORCH_TTA_OPS, scales=scales, flip=flip, plain=plain)
 
 
 def add_batch_loss(sums: Tensor, logits: Tensor, label: Tensor, ignore_index: int) -> None:

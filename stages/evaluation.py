@@ -11,14 +11,15 @@ import numpy as np
 
 from datasets.build import shard_loader
 from datasets.cityscapes import CityscapesDataset
+from datasets.images import write_image
 from datasets.labels import class_names, colorize, decode_train_ids
 from datasets.loader import workers_per_rank
 from engine.common import LOG, RunError, per_rank
 from engine.network import build_network, prepare_for_inference
-from engine.options import ArgumentGroup, OptionError
+from engine.options import ArgumentGroup, parse_scales
 from engine.validation import EvalSettings, compute_miou, sample_figure
 from utils import distributed
-from utils.files import atomic_write, atomic_write_bytes
+from utils.files import atomic_write
 from utils.metrics import format_iou_table, miou_subsets
 
 # evaluate.py's defaults of shared flags (engine.options.add_shared_arguments); it does not train.
@@ -39,23 +40,7 @@ def add_arguments(group: ArgumentGroup) -> None:
 def check_arguments(args: Namespace) -> None:
     """``--scales`` as a tuple of positive floats; :class:`OptionError` naming the flag otherwise."""
     if isinstance(args.scales, str):
-        try:
-            args.scales = tuple(float(v) for v in args.scales.split(","))
-        except ValueError:
-            raise OptionError(f"--scales: expected comma-separated numbers, got {args.scales!r}") from None
-        if not args.scales or min(args.scales) <= 0:
-            raise OptionError(f"--scales: scales must be positive, got {args.scales}")
-
-
-def write_image(path: str, image: np.ndarray) -> None:
-    """``image`` encoded as ``cv2.imwrite`` would (the format from the extension; BGR channel
-    order), written atomically (:func:`utils.files.atomic_open`)."""
-    import cv2  # only when predictions are saved (--save_dir)
-
-    encoded, data = cv2.imencode(os.path.splitext(path)[1], image)
-    if not encoded:
-        raise RunError(f"{path}: cannot encode the prediction image")
-    atomic_write_bytes(path, data.tobytes())
+        args.scales = parse_scales(args.scales)
 
 
 def run_evaluation(args: Any, env: distributed.DistEnv) -> dict:

@@ -47,6 +47,20 @@ def test_step_benchmark() -> None:
     assert "phase1 off: straightforward / ours =" in proc.stdout
 
 
+def test_predict_benchmark() -> None:
+    """bench_predict.py times predict.py's PyTorch float32, bf16 and onnxruntime predictors in one run
+    and gives each as images/s and a ratio to float32; onnxruntime predicts float32's pixels."""
+    proc = run_script(["benchmarks/bench_predict.py", "--size", "64,32", "--iters", "1", "--warmup", "0",
+                       "--bf16", "on"])
+    for row in ("pytorch float32", "pytorch bf16 autocast", "onnxruntime (CPUExecutionProvider)"):
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+[\d.]+\s+[\d.]+x\s+[\d.]+%$", proc.stdout,
+                         re.MULTILINE), proc.stdout
+    assert re.search(r"^pytorch float32\s+[\d.]+\s+[\d.]+\s+1\.00x\s+[\d.]+\s+1\.00x\s+100\.00%$", proc.stdout,
+                     re.MULTILINE), proc.stdout
+    same = float(re.search(r"^onnxruntime \(CPUExecutionProvider\).*\s([\d.]+)%$", proc.stdout, re.MULTILINE).group(1))
+    assert same > 99.0, proc.stdout
+
+
 def test_data_benchmark_floor_computes_our_samples(tmp_path) -> None:
     """The "floor" of bench_data.py (library calls only) gives exactly our GTA5 samples, so the
     time it reports is the cost of the same pixels, not of less work."""
@@ -187,6 +201,8 @@ def test_gpu_check_runs_every_command_at_tiny_sizes(tmp_path) -> None:
     assert "thresholds identical after every update: yes" in stdout
     for phase in ("1", "2"):
         assert f"phase{phase}: ours / original =" in stdout
+    for row in ("pytorch float32", "pytorch bf16 autocast"):  # predict.py's inference (bench_predict.py)
+        assert re.search(rf"^{re.escape(row)}\s+[\d.]+\s+[\d.]+\s+[\d.]+x", stdout, re.MULTILINE), row
     assert "gpu_check done in" in stdout
 
 

@@ -4,7 +4,9 @@ Every file a run writes (checkpoints, ``latest.pth``, soft labels, thresholds, l
 ``split.mat``, evaluation outputs, json files) goes through :func:`atomic_open`: the data go to a
 temporary file ``.<basename>.<random>.tmp`` in the same folder, which is flushed, fsynced and
 renamed over the final name, and the folder is fsynced. A crash at any moment leaves either the
-old file or the new one, never a partial file under the final name.
+old file or the new one, never a partial file under the final name. Writers that take a file
+name rather than a file object (``cv2.VideoWriter``, ``predict.py``'s videos) get such a
+temporary name from :func:`atomic_path`.
 
 The temporary file is created with mode 0666, which the kernel reduces by the process umask
 exactly as for ``open(path, "w")`` (0644 under the usual umask 022); the rename keeps that mode.
@@ -39,11 +41,11 @@ def temp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}."
 
 
-def _create_temp_file(folder: str, prefix: str) -> tuple[int, str]:
-    """Create ``<folder>/<prefix><random>.tmp`` exclusively; returns ``(fd, path)`` as
+def _create_temp_file(folder: str, prefix: str, suffix: str = TEMP_SUFFIX) -> tuple[int, str]:
+    """Create ``<folder>/<prefix><random><suffix>`` exclusively; returns ``(fd, path)`` as
     ``tempfile.mkstemp`` does, but with the mode of an ordinary file (0666 minus the umask)."""
     for _ in range(100):
-        path = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        path = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
         try:
             return os.open(path, _FLAGS, 0o666), path
         except FileExistsError:
@@ -64,6 +66,22 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
+def _replaced_when_done(path: str, suffix: str = TEMP_SUFFIX) -> Iterator[tuple[int, str]]:
+    """``(fd, temporary path)`` beside ``path``; the temporary file is renamed over ``path`` when
+    the block ends (the caller has flushed and fsynced it), or removed when the block raises."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _create_temp_file(folder, temp_prefix(path), suffix)
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """``with atomic_open(path) as f: ...`` writes ``path`` atomically (see the module docstring).
 
@@ -71,20 +89,32 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _create_temp_file(folder, temp_prefix(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-            faults.during_write(path, f.fileno(), tmp)  # tests only: nothing unless $DECOUPLENET_FAULT asks
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
+    with _replaced_when_done(path) as (fd, tmp), os.fdopen(fd, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        faults.during_write(path, f.fileno(), tmp)  # tests only: nothing unless $DECOUPLENET_FAULT asks
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """``with atomic_path(path) as tmp: writer(tmp)``, for writers that take a file name
+    (``cv2.VideoWriter``): ``tmp`` is a temporary file beside ``path`` (created empty with the
+    ordinary mode) whose name ends in ``path``'s extension, since such writers choose the format
+    by it (``.<basename>.<random>.tmp<extension>``). When the block ends, the writer must have
+    closed the file; it is fsynced and renamed over ``path``. When the block raises, it is removed
+    and ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    with _replaced_when_done(path, TEMP_SUFFIX + os.path.splitext(path)[1]) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+            faults.during_write(path, fd, tmp)  # tests only
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], object], mode: str = "wb") -> None:
