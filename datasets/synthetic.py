@@ -22,7 +22,7 @@ target is painted like the source, 1: the full gap):
   palette and global tone, and every class wears the same oriented stripes (its texture) in
   both. In the target the sensor noise is higher (std 14 vs 4 grey levels), the image is
   blurred (sigma 0.8 px vs sharp), and the lighting varies inside the image: a smooth gain
-  field and a brightness ramp across the image (each up to +-30 %) and one or two hard-edged
+  field and a brightness ramp across the image (each about +-30 %) and one or two hard-edged
   cast shadows (about 40 % darker). ``--gap`` interpolates every one of these, so
   ``--gap_kind filter --gap 0.5`` is half of each difference.
 - ``texture``: as ``filter``, and in the target every class's stripes are also turned by 45-90
