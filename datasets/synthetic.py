@@ -9,11 +9,37 @@ Scenes are street-like (sky at the top, buildings and vegetation in the middle, 
 sidewalk at the bottom, random objects) so that all 19 classes appear across the set.
 Source and target differ in palette, lighting, noise and blur, so there is a real
 domain gap to adapt over. Everything is a deterministic function of the seed.
+
+``--gap_kind`` chooses what the two domains differ in; ``--gap`` scales the difference (0: the
+target is painted like the source, 1: the full gap):
+
+- ``colour`` (the default; its output is the generator's original one): the target's palette is
+  shifted, its global brightness, contrast and gamma change, and it has more noise and blur. With
+  a randomly initialised backbone such a gap sits almost entirely in the first BatchNorm
+  layers' statistics (a per-channel shift and scale of the image), which is not what the
+  method's decoupled stems are for.
+- ``filter``: a gap that the convolution filters must adapt to. Both domains keep the source's
+  palette and global tone, and every class wears the same oriented stripes (its texture) in
+  both. In the target the sensor noise is higher (std 14 vs 4 grey levels), the image is
+  blurred (sigma 0.8 px vs sharp), and the lighting varies inside the image: a smooth gain
+  field and a brightness ramp across the image (each about +-30 %) and one or two hard-edged
+  cast shadows (about 40 % darker). ``--gap`` interpolates every one of these, so
+  ``--gap_kind filter --gap 0.5`` is half of each difference.
+- ``texture``: as ``filter``, and in the target every class's stripes are also turned by 45-90
+  degrees and have another period (2-3 pixels finer or coarser): the same class looks different
+  (``--gap`` blends the two sets of stripes).
+
+``--tint T`` (default 0: off, for every kind) gives every image of *both* domains its own colour,
+as white balance, exposure and weather do: a hue shift of up to +-T of the colour circle and
+saturation and value scaled by 1 +- 2.5 T, drawn per image. It is not a domain gap (both domains
+draw from the same range); it makes colour a less reliable cue than texture and shape, as on real
+data. The demo (``scripts/demo.py``) uses ``--gap_kind filter --tint 0.1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,31 +88,62 @@ class DomainStyle:
     blur: float  # Gaussian blur sigma (0 = sharp)
     gamma: float
     texture: float  # amplitude of low-frequency texture
+    # Filter-level appearance (all off by default, so the "colour" styles below paint as before):
+    pattern: float = 0.0  # amplitude of the per-class stripe texture (grey levels)
+    pattern_mix: float = 0.0  # 0: every class wears its bank-0 stripes, 1: its bank-1 stripes
+    shading: float = 0.0  # in-image lighting: smooth gain field, a brightness ramp, cast shadows
+    tint: float = 0.0  # per-image colour: hue shift up to +-tint of the circle, saturation, value x(1 +- 2.5 tint)
 
 
 _SOURCE_STYLE = DomainStyle((18.0, 6.0, -14.0), 1.08, 1.25, 4.0, 0.0, 0.9, 22.0)
 _TARGET_STYLE = DomainStyle((-12.0, 4.0, 16.0), 0.85, 0.8, 10.0, 1.2, 1.15, 10.0)
 _SYNTHIA_STYLE = DomainStyle((8.0, -10.0, 4.0), 1.0, 1.1, 6.0, 0.6, 1.0, 16.0)
 
+# --gap_kind filter: both domains keep the source's palette and global tone (offset, gain,
+# contrast, gamma, low-frequency texture) and every class wears the same oriented stripes (its
+# texture); the gap is in what the convolution filters see: more sensor noise, blur, and lighting
+# that varies inside the image (a smooth gain field, a ramp and hard-edged cast shadows).
+# --gap_kind texture: the same, and each class's stripes also change (bank 1: turned, another period).
+_SOURCE_FILTER_STYLE = DomainStyle((18.0, 6.0, -14.0), 1.08, 1.25, 4.0, 0.0, 0.9, 22.0,
+                                   pattern=24.0, pattern_mix=0.0, shading=0.0)
+_TARGET_FILTER_STYLE = DomainStyle((18.0, 6.0, -14.0), 1.08, 1.25, 14.0, 0.8, 0.9, 22.0,
+                                   pattern=24.0, pattern_mix=0.0, shading=0.6)
+_TARGET_TEXTURE_STYLE = dataclasses.replace(_TARGET_FILTER_STYLE, pattern_mix=1.0)
 
-def target_style(gap: float = 1.0) -> DomainStyle:
+GAP_KINDS = ("colour", "filter", "texture")
+
+
+def source_style(kind: str = "colour") -> DomainStyle:
+    """The source domain's style for a ``--gap_kind``."""
+    if kind not in GAP_KINDS:
+        raise ValueError(f"gap kind must be one of {GAP_KINDS}, got {kind!r}")
+    return _SOURCE_STYLE if kind == "colour" else _SOURCE_FILTER_STYLE
+
+
+def target_style(gap: float = 1.0, kind: str = "colour") -> DomainStyle:
     """The target domain's style ``gap`` of the way from the source style's (1.0: the usual target).
 
     Every field is interpolated linearly; ``gap=0`` paints both domains alike (only the scenes
-    differ), ``gap=0.5`` halves the colour, lighting, noise and blur differences.
+    differ), ``gap=0.5`` halves the differences. ``kind="colour"`` (the default): palette,
+    global lighting, noise and blur differ; ``kind="filter"``: the palette, global tone and
+    per-class stripes are the source's, and noise, blur and in-image lighting differ;
+    ``kind="texture"``: as ``"filter"``, and each class's stripes change too.
     """
-    if gap == 1.0:
-        return _TARGET_STYLE
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
-    s, t = _SOURCE_STYLE, _TARGET_STYLE
+    s = source_style(kind)
+    t = {"colour": _TARGET_STYLE, "filter": _TARGET_FILTER_STYLE, "texture": _TARGET_TEXTURE_STYLE}[kind]
+    if gap == 1.0:
+        return t
 
     def mix(a: float, b: float) -> float:
         return a + gap * (b - a)
 
     return DomainStyle(tuple(mix(a, b) for a, b in zip(s.offset, t.offset)), mix(s.gain, t.gain),
                        mix(s.contrast, t.contrast), mix(s.noise, t.noise), max(0.0, mix(s.blur, t.blur)),
-                       mix(s.gamma, t.gamma), max(0.0, mix(s.texture, t.texture)))
+                       mix(s.gamma, t.gamma), max(0.0, mix(s.texture, t.texture)),
+                       max(0.0, mix(s.pattern, t.pattern)), min(1.0, max(0.0, mix(s.pattern_mix, t.pattern_mix))),
+                       max(0.0, mix(s.shading, t.shading)))
 
 
 def _fill_rect(lbl: np.ndarray, y0: float, y1: float, x0: float, x1: float, c: int) -> None:
@@ -212,6 +269,54 @@ def _lowfreq(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray
     return cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
+def _stripe_banks() -> np.ndarray:
+    """Per-class stripe (angle, period in pixels) for banks 0 and 1, shape (2, 19, 2); fixed."""
+    g = np.random.default_rng(1234)
+    angles = g.permutation(np.linspace(0.0, np.pi, 19, endpoint=False))
+    periods = g.uniform(3.0, 7.0, size=19)
+    # Bank 1 turns every class's stripes by a quarter to a half turn and changes their period.
+    turn = g.uniform(np.pi / 4, np.pi / 2, size=19) * g.choice([-1.0, 1.0], size=19)
+    periods1 = np.where(periods < 5.0, periods + g.uniform(2.0, 3.0, size=19), periods - g.uniform(2.0, 3.0, size=19))
+    return np.stack([np.stack([angles, periods], 1), np.stack([angles + turn, periods1], 1)]).astype(np.float32)
+
+
+_STRIPES = _stripe_banks()
+
+
+def _stripes(rng: np.random.Generator, lbl: np.ndarray, mix: float) -> np.ndarray:
+    """Per-pixel stripe value in [-1, 1]: each class's stripes, ``mix`` of the way from bank 0 to bank 1."""
+    h, w = lbl.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0.0, 2 * np.pi, size=19).astype(np.float32)
+    out = np.zeros((h, w), dtype=np.float32)
+    for c in np.unique(lbl):
+        if c >= 19:
+            continue
+        m = lbl == c
+        v = np.zeros(int(m.sum()), dtype=np.float32)
+        for bank, weight in ((0, 1.0 - mix), (1, mix)):
+            if weight > 0:
+                angle, period = _STRIPES[bank, c]
+                v += weight * np.sin(2 * np.pi * (xx[m] * np.cos(angle) + yy[m] * np.sin(angle)) / period + phase[c])
+        out[m] = v
+    return out
+
+
+def _lighting(rng: np.random.Generator, h: int, w: int, strength: float) -> np.ndarray:
+    """Multiplicative in-image lighting (about 1 +- strength): smooth field, ramp, cast shadows."""
+    field = 0.5 * np.clip(_lowfreq(rng, h, w, 3), -1.0, 1.0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = rng.uniform(0.0, 2 * np.pi)
+    ramp = (xx / w - 0.5) * np.cos(a) + (yy / h - 0.5) * np.sin(a)
+    gain = 1.0 + strength * (field + ramp)
+    shadow = np.zeros((h, w), dtype=np.uint8)
+    for _ in range(int(rng.integers(1, 3))):  # hard-edged quadrilaterals, as cast by buildings or trees
+        pts = np.stack([rng.uniform(-0.2, 1.2, 4) * w, rng.uniform(0.2, 1.1, 4) * h], 1).astype(np.int32)
+        cv2.fillConvexPoly(shadow, cv2.convexHull(pts), 1)
+    gain[shadow > 0] *= 1.0 - 0.7 * strength
+    return np.clip(gain, 0.15, None).astype(np.float32)
+
+
 def paint(rng: np.random.Generator, lbl: np.ndarray, style: DomainStyle) -> np.ndarray:
     """Render an RGB uint8 image of a train-id map in a domain's style."""
     h, w = lbl.shape
@@ -222,6 +327,8 @@ def paint(rng: np.random.Generator, lbl: np.ndarray, style: DomainStyle) -> np.n
     img = colours[lbl]
     tex = _lowfreq(rng, h, w, 8) * style.texture
     img += tex[..., None]
+    if style.pattern > 0:
+        img += (style.pattern * _stripes(rng, lbl, style.pattern_mix))[..., None]
     # Windows on buildings, lane markings on the road, gradient in the sky.
     yy, xx = np.mgrid[0:h, 0:w]
     period = max(4, h // 16)
@@ -233,9 +340,17 @@ def paint(rng: np.random.Generator, lbl: np.ndarray, style: DomainStyle) -> np.n
     img[sky] += (yy[sky, None] / h * 40.0).astype(np.float32)
     img = (img - 128.0) * style.contrast + 128.0
     img *= style.gain * rng.uniform(0.9, 1.1)
+    if style.shading > 0:
+        img *= _lighting(rng, h, w, style.shading)[..., None]
     img += rng.normal(0.0, style.noise, size=img.shape).astype(np.float32)
     img = np.clip(img, 0, 255)
     img = 255.0 * (img / 255.0) ** style.gamma
+    if style.tint > 0:  # this image's white balance, saturation and exposure
+        hsv = cv2.cvtColor(np.ascontiguousarray(img / 255.0, dtype=np.float32), cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0] + 360.0 * rng.uniform(-style.tint, style.tint)) % 360.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1 - 2.5 * style.tint, 1 + 2.5 * style.tint), 0.0, 1.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] * rng.uniform(1 - 2.5 * style.tint, 1 + 2.5 * style.tint), 0.0, 1.0)
+        img = 255.0 * cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if style.blur > 0:
         img = cv2.GaussianBlur(img, (0, 0), style.blur)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
@@ -292,14 +407,22 @@ def generate(
     num_target_val: int = 4,
     synthia: bool = False,
     gap: float = 1.0,
+    gap_kind: str = "colour",
+    tint: float = 0.0,
 ) -> dict[str, str]:
     """Write the synthetic trees under ``out``; return their roots by name.
 
     ``size`` is ``(W, H)``; ``gap`` scales the target's appearance difference from the
-    source (:func:`target_style`). Returns ``{"gta5": ..., "cityscapes": ..., ["synthia": ...]}``.
+    source (:func:`target_style`) and ``gap_kind`` chooses what differs (``"colour"``: palette,
+    global lighting, noise, blur; ``"filter"``: noise, blur, in-image lighting; ``"texture"``:
+    also the per-class stripes); ``tint`` > 0 gives every image of both domains its own colour
+    (:class:`DomainStyle` ``tint``). Returns ``{"gta5": ..., "cityscapes": ..., ["synthia": ...]}``.
     """
     import scipy.io
 
+    if tint < 0:
+        raise ValueError(f"tint must be >= 0, got {tint}")
+    src_style = dataclasses.replace(source_style(gap_kind), tint=tint)
     out = os.fspath(out)
     width, height = int(size[0]), int(size[1])
     if width < 16 or height < 16:
@@ -313,7 +436,7 @@ def generate(
     for i in range(num_source):
         lbl = render_scene(rng, width, height, must_have=[_OBJECT_CYCLE[i % len(_OBJECT_CYCLE)]])
         name = f"{i + 1:05d}.png"
-        _write_rgb(os.path.join(roots["gta5"], "images", name), paint(rng, lbl, _SOURCE_STYLE))
+        _write_rgb(os.path.join(roots["gta5"], "images", name), paint(rng, lbl, src_style))
         _write_palette_label(os.path.join(roots["gta5"], "labels", name),
                              train_ids_to_cityscapes(lbl, rng))
     ids = np.arange(1, num_source + 1)
@@ -334,7 +457,7 @@ def generate(
 
     # Target (Cityscapes layout).
     rng = rngs[1]
-    style = target_style(gap)
+    style = dataclasses.replace(target_style(gap, gap_kind), tint=tint)
     cities = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster")}
     counts = {"train": num_target_train, "val": num_target_val}
     k = 0
@@ -388,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthia", action="store_true", help="also write a SYNTHIA tree")
     parser.add_argument("--gap", type=float, default=1.0,
                         help="target appearance: 1 the usual domain gap, 0 painted like the source, 0.5 half-way")
+    parser.add_argument("--gap_kind", choices=GAP_KINDS, default="colour",
+                        help="what the domains differ in: colour (default): palette, global lighting, noise, blur; "
+                             "filter: same palette and per-class stripes, more noise, blur, in-image lighting; "
+                             "texture: as filter, and other per-class stripes")
+    parser.add_argument("--tint", type=float, default=0.0,
+                        help="per-image colour variation in both domains (hue shift up to +-TINT of the circle, "
+                             "saturation and value x(1 +- 2.5 TINT)); default 0: none")
     return parser
 
 
@@ -395,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     args = build_parser().parse_args(argv)
     roots = generate(args.out, args.seed, args.size, args.num_source, args.num_target_train,
-                     args.num_target_val, args.synthia, gap=args.gap)
+                     args.num_target_val, args.synthia, gap=args.gap, gap_kind=args.gap_kind,
+                     tint=args.tint)
     for name, path in roots.items():
         print(f"{name}: {path}")
 

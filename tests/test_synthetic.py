@@ -128,3 +128,29 @@ def test_gap_scales_target_appearance_only(tmp_path: Path) -> None:
     assert dist[0.0] < dist[0.5] < dist[1.0], dist
     with pytest.raises(ValueError):
         target_style(-0.5)
+
+
+def test_gap_kind_filter_keeps_palette_and_changes_filter_level_appearance(tmp_path: Path) -> None:
+    """--gap_kind filter / texture: opt-in (the default output is unchanged); the target keeps the
+    source's palette (similar mean road colour) but is noisier and blurred with lighting that varies
+    inside the image; texture also changes each class's stripes, and nothing else (same scenes and labels)."""
+    from datasets.synthetic import source_style, target_style
+
+    args = ["--size", "64,32", "--num_source", "2", "--num_target_train", "1", "--num_target_val", "2"]
+    for kind in ("colour", "filter", "texture"):
+        main(["--out", str(tmp_path / kind), "--gap_kind", kind, *args])
+    main(["--out", str(tmp_path / "default"), *args])
+    assert _digest(tmp_path / "colour") == _digest(tmp_path / "default")
+    cs = {k: tmp_path / k / "cityscapes" for k in ("filter", "texture")}
+    assert _digest(cs["filter"] / "gtFine") == _digest(cs["texture"] / "gtFine")
+    assert _digest(cs["filter"] / "leftImg8bit") != _digest(cs["texture"] / "leftImg8bit")
+    assert _digest(tmp_path / "filter" / "gta5") == _digest(tmp_path / "texture" / "gta5")
+    s, t = source_style("filter"), target_style(1.0, "filter")
+    assert s.offset == t.offset and s.gain == t.gain and s.contrast == t.contrast and s.gamma == t.gamma
+    assert t.noise > s.noise and t.blur > s.blur and t.shading > s.shading == 0 and t.pattern == s.pattern > 0
+    assert t.pattern_mix == 0 and target_style(1.0, "texture").pattern_mix == 1
+    assert target_style(0.0, "filter") == s
+    half = target_style(0.5, "filter")
+    assert s.noise < half.noise < t.noise and 0 < half.shading < t.shading
+    with pytest.raises(ValueError):
+        source_style("weather")
