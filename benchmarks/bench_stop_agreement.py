@@ -12,8 +12,10 @@ and data stream:
 * ``separate``: without it, plus what the plain design would add: a one-element all-reduce of
   its own and its read on the host, after the iteration;
 
-and, alone, that one-element all-reduce and its read, repeated. Rank 0 prints the medians (and
-appends one JSON line to ``--out``).
+and, alone and repeated, that one-element all-reduce and its read, and the iteration's own
+all-reduce (the float64 tensor of losses and pseudo-label counts, with its read) without and with
+the flag's element, interleaved: the fold's own cost, free of the iterations' noise. Rank 0
+prints the medians (and appends one JSON line to ``--out``).
 
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/bench_stop_agreement.py --crop 256,128
 """
@@ -92,12 +94,13 @@ def main() -> int:
         trainer = Trainer(stage, None, None)
         batches = stage.batches(0)
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        losses = 0
         for it in range(opts.warmup + opts.iters * len(VARIANTS)):
             variant = VARIANTS[it % len(VARIANTS)]
             trainer.agree_on_stop = variant == "folded"
             du.barrier(env.device)
             start = time.perf_counter()
-            trainer.train_step(it, batches)
+            losses = len(trainer.train_step(it, batches))
             if variant == "separate":
                 separate_agreement(env.device)
             elapsed = time.perf_counter() - start
@@ -109,6 +112,14 @@ def main() -> int:
             start = time.perf_counter()
             separate_agreement(env.device)
             alone.append(time.perf_counter() - start)
+        size = losses + (stage.pseudo_monitor.size if stage.pseudo_monitor is not None else 0)
+        reduce_times: dict[int, list[float]] = {size: [], size + 1: []}
+        for i in range(2 * opts.collectives):
+            n = size + i % 2
+            tensor = torch.ones(n, dtype=torch.float64, device=env.device)
+            start = time.perf_counter()
+            du.all_reduce_sum(tensor, env.device).cpu()
+            reduce_times[n].append(time.perf_counter() - start)
     finally:
         du.cleanup()
         shutil.rmtree(work, ignore_errors=True)
@@ -118,7 +129,9 @@ def main() -> int:
         row = {"world_size": env.world_size, "device": str(env.device), "crop": [w, h], "batch": args.batch_size,
                "iters_per_variant": opts.iters, **{f"{v}_s_per_iter": med[v] for v in VARIANTS},
                **{f"{v}_quartiles": quart[v] for v in VARIANTS},
-               "collective_alone_ms": 1e3 * statistics.median(alone)}
+               "collective_alone_ms": 1e3 * statistics.median(alone), "reduced_elements": size,
+               "iteration_reduce_ms": 1e3 * statistics.median(reduce_times[size]),
+               "iteration_reduce_with_flag_ms": 1e3 * statistics.median(reduce_times[size + 1])}
         print(f"phase-1 iteration, {env.world_size} rank(s) on {env.device}, crop {w}x{h}, batch {args.batch_size}, "
               f"median (quartiles) of {opts.iters} iterations per variant, interleaved")
         for v in VARIANTS:
@@ -127,6 +140,9 @@ def main() -> int:
         print(f"  one-element all-reduce + host read alone: {row['collective_alone_ms']:.3f} ms "
               f"({100 * row['collective_alone_ms'] / 1e3 / med['off']:.3f}% of an iteration), median of "
               f"{opts.collectives}")
+        print(f"  the iteration's all-reduce + read alone: {row['iteration_reduce_ms']:.3f} ms for {size} float64, "
+              f"{row['iteration_reduce_with_flag_ms']:.3f} ms with the flag ({size + 1}), medians of "
+              f"{opts.collectives} each, interleaved")
         if opts.out:
             with open(opts.out, "a", encoding="utf-8") as f:  # a log of runs, appended
                 f.write(json.dumps(row) + "\n")

@@ -232,3 +232,5 @@ def test_stop_agreement_benchmark() -> None:
     for variant in ("folded", "off", "separate"):
         assert re.search(rf"^\s+{variant}\s+[\d.]+ s/iter", proc.stdout, re.MULTILINE), proc.stdout
     assert "one-element all-reduce + host read alone" in proc.stdout, proc.stdout
+    assert re.search(r"all-reduce \+ read alone: [\d.]+ ms for \d+ float64, [\d.]+ ms with the flag", proc.stdout), \
+        proc.stdout
