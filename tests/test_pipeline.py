@@ -283,27 +283,6 @@ def test_killed_three_times_at_random_moments_finishes_bit_identical(two_seeds, 
         assert e["seeds"]["1235"] == a["stages"][key]["seeds"]["1235"], key
 
 
-@pytest.mark.slow
-def test_changed_flag_reruns_exactly_the_stages_it_affects(two_seeds):
-    """Phase 2's learning rate changed for seed 1234: the dry run names phase 2 and its
-    evaluations with the reason; the run reruns exactly those, and keeps everything else."""
-    args = [TINY, "--out", str(two_seeds), "--seeds", "1234", "--quiet", "--set", "phase2.learning-rate=1e-3"]
-    shown = pipeline(*args, "--dry_run").stdout
-    again = [ln for ln in shown.splitlines() if ln.startswith("# ") and "runs again" in ln]
-    assert again == ["# seed_1234/phase2 (runs again: --learning-rate 2.5e-4 -> 1e-3)",
-                     "# seed_1234/evaluate/phase2_best (runs again: its input seed_1234/phase2 runs again)",
-                     "# seed_1234/evaluate/phase2_final (runs again: its input seed_1234/phase2 runs again)"]
-    kept = {p: p.stat().st_mtime_ns for p in (two_seeds / "seed_1234").rglob("*.pth") if "phase2" not in str(p)}
-    out = pipeline(*args).stdout
-    ran = [ln.split("]")[0][1:] for ln in out.splitlines() if " runs: " in ln]
-    assert ran == ["seed_1234/phase2", "seed_1234/evaluate/phase2_best", "seed_1234/evaluate/phase2_final"]
-    assert "runs again: --learning-rate 2.5e-4 -> 1e-3" in out
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept
-    assert (two_seeds / "seed_1234" / "phase2.previous" / "pipeline_stage.json").is_file()
-    marker = _load(two_seeds / "seed_1234" / "phase2" / "pipeline_stage.json")
-    assert "--learning-rate 1e-3" in marker["command"] and marker["state"] == "finished"
-
-
 def test_slurm_dry_run_prints_the_chained_sbatch_commands(tmp_path):
     """--launcher slurm --dry_run: one requeue-safe sbatch job per stage, each after the one before
     (afterok), running this pipeline command for that one stage (--only), then the report's job."""
@@ -331,3 +310,53 @@ def test_slurm_dry_run_prints_the_chained_sbatch_commands(tmp_path):
         assert options.get("--gpus-per-node") == gpus
         previous = unit
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_stops_the_stage_at_an_iteration_and_the_rerun_continues(two_seeds, tmp_path):
+    """SIGTERM to the runner while phase 1 trains: passed on to the stage, which saves latest.pth and
+    exits 3 (docs/RELIABILITY.md); the runner stops with one line saying the same command continues;
+    the rerun continues phase 1 from that latest.pth and ends bit-identical to the uninterrupted run
+    (seed 1235 of the two-seed run). Then ``--report`` compares the two run folders."""
+    out = tmp_path / "signalled"
+    argv = [sys.executable, "pipeline.py", TINY, "--out", str(out), "--seeds", "1235", "--quiet"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "seed_1235" / "phase1" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)  # phase 1 has finished its first iteration
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 3, stdout[-3000:] + stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: seed_1235/phase1 stopped by signal SIGTERM") \
+        and "the same pipeline.py command continues" in lines[0], lines
+    assert _state(out / "seed_1235" / "phase1" / "latest.pth")["iteration"] < 4
+    done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet").stdout
+    assert "[seed_1235/phase1] was interrupted: continues" in done and "--resume_from auto" in done
+    _same_checkpoints(two_seeds / "seed_1235", out / "seed_1235")
+    compared = pipeline("--report", str(two_seeds), str(out)).stdout
+    rows = [ln for ln in compared.splitlines() if ln.startswith(("| phase", "| source"))]
+    assert len(rows) >= 6 and all(ln.rstrip(" |").endswith("+0.00") for ln in rows[:6]), compared
+
+
+@pytest.mark.slow
+def test_changed_flag_reruns_exactly_the_stages_it_affects(two_seeds):
+    """(Last in this file: it changes the two-seed run.) Phase 2's learning rate changed for seed 1234: the dry run names phase 2 and its
+    evaluations with the reason; the run reruns exactly those, and keeps everything else."""
+    args = [TINY, "--out", str(two_seeds), "--seeds", "1234", "--quiet", "--set", "phase2.learning-rate=1e-3"]
+    shown = pipeline(*args, "--dry_run").stdout
+    again = [ln for ln in shown.splitlines() if ln.startswith("# ") and "runs again" in ln]
+    assert again == ["# seed_1234/phase2 (runs again: --learning-rate 2.5e-4 -> 1e-3)",
+                     "# seed_1234/evaluate/phase2_best (runs again: its input seed_1234/phase2 runs again)",
+                     "# seed_1234/evaluate/phase2_final (runs again: its input seed_1234/phase2 runs again)"]
+    kept = {p: p.stat().st_mtime_ns for p in (two_seeds / "seed_1234").rglob("*.pth") if "phase2" not in str(p)}
+    out = pipeline(*args).stdout
+    ran = [ln.split("]")[0][1:] for ln in out.splitlines() if " runs: " in ln]
+    assert ran == ["seed_1234/phase2", "seed_1234/evaluate/phase2_best", "seed_1234/evaluate/phase2_final"]
+    assert "runs again: --learning-rate 2.5e-4 -> 1e-3" in out
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (two_seeds / "seed_1234" / "phase2.previous" / "pipeline_stage.json").is_file()
+    marker = _load(two_seeds / "seed_1234" / "phase2" / "pipeline_stage.json")
+    assert "--learning-rate 1e-3" in marker["command"] and marker["state"] == "finished"
