@@ -241,7 +241,7 @@ def test_rerun_skips_everything(two_seeds):
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _same_checkpoints(a: Path, b: Path) -> None:
