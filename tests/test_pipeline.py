@@ -336,9 +336,14 @@ def test_sigterm_to_the_runner_stops_the_stage_at_an_iteration_and_the_rerun_con
     done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet").stdout
     assert "[seed_1235/phase1] was interrupted: continues" in done and "--resume_from auto" in done
     _same_checkpoints(two_seeds / "seed_1235", out / "seed_1235")
-    compared = pipeline("--report", str(two_seeds), str(out)).stdout
-    rows = [ln for ln in compared.splitlines() if ln.startswith(("| phase", "| source"))]
-    assert len(rows) >= 6 and all(ln.rstrip(" |").endswith("+0.00") for ln in rows[:6]), compared
+    compared = pipeline("--report", str(two_seeds), str(out)).stdout  # seeds 1234 and 1235 against 1235 alone
+    a, b = _load(two_seeds / "report.json")["stages"], _load(out / "report.json")["stages"]
+    rows = [ln.strip("| ").split(" | ") for ln in compared.splitlines() if ln.startswith(("| phase", "| source"))]
+    assert [r[0] for r in rows[:6]] == list(a) == list(b)
+    for key, left, right, diff in rows[:6]:
+        assert left.startswith(f"{a[key]['miou_mean']:.2f} ± ") and left.endswith("(2)")
+        assert right == f"{b[key]['miou_mean']:.2f} (1)" and b[key]["miou_mean"] == a[key]["seeds"]["1235"]["miou"]
+        assert diff == f"{b[key]['miou_mean'] - a[key]['miou_mean']:+.2f}"
 
 
 @pytest.mark.slow
