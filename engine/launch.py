@@ -163,17 +163,16 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
     (the line names the rank, the signal and the command that continues the run);
     :data:`utils.signals.EXIT_STOPPED` (3) when the run stopped on SIGUSR1 / SIGTERM after saving
     (:func:`stop_run`). No traceback unless ``--debug``.
-    The versions of torch and torchvision (:func:`engine.common.check_versions`), the launch
-    environment and the GPUs asked for (:func:`utils.distributed.check_devices`) and the files
-    named on the command line that every rank needs (``--resume``) are checked first, before
-    anything is written. ``--deterministic`` sets ``CUBLAS_WORKSPACE_CONFIG`` here, before CUDA
-    initialises and before the ranks are spawned (:func:`engine.backends.deterministic_environment`).
+    The versions of torch and torchvision (:func:`engine.common.check_versions`) and the files
+    named on the command line that every rank needs (``--resume``) are checked first, then the
+    launch environment and the GPUs asked for (:func:`utils.distributed.launch`), before anything
+    is written. ``--deterministic`` sets ``CUBLAS_WORKSPACE_CONFIG`` here, before CUDA initialises and
+    before the ranks are spawned (:func:`engine.backends.deterministic_environment`).
     """
     debug = args.debug
     restore = signals.install() if args.stage in STOPPABLE_STAGES else None
     try:
         check_versions()
-        du.check_devices(args, du.launcher(args))
         apply_requeue(args)
         check_start_files(args)
         deterministic_environment(args.deterministic)

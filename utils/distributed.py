@@ -342,8 +342,9 @@ def launch(worker: Callable[[int, Any], None], args: Any) -> None:
     * otherwise: a single process (first GPU of ``--gpus``, or the CPU with ``--cpu``).
     """
     if launcher(args) != "dist" or len(args.gpus) == 1:
-        worker(-1, args)
+        worker(-1, args)  # init_distributed checks the GPUs it asks for
         return
+    check_devices(args, "dist")  # before any rank is spawned
     args.dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     if not args.debug:
         # A killed rank cannot release its semaphores; the resource tracker cleans them up and
@@ -399,14 +400,18 @@ def _store_for_attempt(rank: int, world: int, timeout: datetime.timedelta):
 def init_distributed(spawn_rank: int, args: Any) -> DistEnv:
     """Initialise the process group for this process and pick its device.
 
-    NCCL on CUDA, gloo on the CPU. ``spawn_rank`` is -1 for torchrun or single-process runs.
+    NCCL on CUDA, gloo on the CPU. ``spawn_rank`` is -1 for torchrun, srun or single-process
+    runs, whose launch environment and GPUs are checked first (:func:`launcher`,
+    :func:`check_devices`: :class:`LaunchError`, one line).
     Under ``torchrun`` and with ``--dist`` a process group is created whatever the number of
     ranks: a one-GPU ``--dist`` run (one process, as the original's ``mp.spawn`` of one rank) or
     ``torchrun --nproc_per_node 1`` runs the DDP wrapper and every collective, as the original
     always does. A plain single process (neither) has no process group.
     """
-    use_cuda = cuda_usable() and not args.cpu
     kind = "dist" if spawn_rank >= 0 else launcher(args)
+    if spawn_rank < 0:  # a spawned rank's GPUs were checked before it was spawned
+        check_devices(args, kind)
+    use_cuda = cuda_usable() and not args.cpu
     task = slurm.srun_task() if kind == "srun" else None
     if kind == "torchrun":
         rank = int(os.environ["RANK"])

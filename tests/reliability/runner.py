@@ -206,13 +206,13 @@ class Watched:
 
 
 def wait_until(done: Callable[[], bool], what: str, timeout: float, failed: Callable[[], bool] = lambda: False,
-               describe: Callable[[], str] = lambda: "") -> None:
-    """Poll ``done`` every 0.1 s; an AssertionError naming ``what`` on timeout or when ``failed``."""
+               describe: Callable[[], str] = lambda: "", interval: float = 0.1) -> None:
+    """Poll ``done`` every ``interval`` s; an AssertionError naming ``what`` on timeout or when ``failed``."""
     deadline = time.monotonic() + timeout
     while not done():
         if failed() or time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}\n{describe()}")
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------- checks

@@ -61,13 +61,15 @@ class Cluster:
         return dict(w.split("=", 1) for w in shown.stdout.split() if "=" in w)
 
     def wait_job(self, job_id: str, done: Callable[[dict[str, str]], bool], what: str, log: Path) -> dict[str, str]:
+        """Until ``done(scontrol show job)``; fails at once if the job ended without it."""
         fields: dict[str, str] = {}
 
         def check() -> bool:
             fields.update(self.job(job_id))
             return done(fields)
-        wait_until(check, f"job {job_id} {what}", JOB_TIMEOUT_S,
-                   describe=lambda: f"{fields}\n--- {log} ---\n{log.read_text()[-6000:] if log.exists() else ''}")
+        wait_until(check, f"job {job_id} {what}", JOB_TIMEOUT_S, failed=lambda: fields.get("JobState") in FINAL_STATES,
+                   describe=lambda: f"{fields}\n--- {log} ---\n{log.read_text()[-6000:] if log.exists() else ''}",
+                   interval=1.0)
         return dict(fields)
 
 
