@@ -175,7 +175,8 @@ def main_entry(worker: Callable[[int, Any], None], args: Any) -> int:
         check_versions()
         apply_requeue(args)
         check_start_files(args)
-        deterministic_environment(args.deterministic)
+        # vars(): a caller may pass only the arguments main_entry took before --deterministic existed
+        deterministic_environment(bool(vars(args).get("deterministic", False)))
         du.launch(worker, args)
     except signals.StopRequested:  # this process's rank 0 printed the line
         return signals.EXIT_STOPPED
