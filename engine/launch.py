@@ -4,7 +4,6 @@ the run folder (log, args and environment records, tensorboard)."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import logging
@@ -24,7 +23,7 @@ from engine import provenance
 from engine.backends import deterministic_environment, set_deterministic
 from engine.common import LOG, NonFiniteLossError, RunError, check_versions
 from engine.options import TRAINING_STAGES, OptionError
-from engine.state import LATEST, resolve_resume_from
+from engine.state import LATEST, find_latest, resolve_resume_from
 from utils import distributed as du
 from utils import signals, slurm
 from utils.checkpoint import CheckpointError
@@ -112,7 +111,7 @@ def saved_on_disk(args: Any) -> str:
     if args.stage == "soft_label":
         count = len(glob.glob(os.path.join(glob.escape(args.output_folder), "*.npy")))
         return f"{count} soft labels are in {args.output_folder}"
-    path = resolve_resume_from(argparse.Namespace(resume_from="auto", snapshot_dir=args.snapshot_dir))
+    path = find_latest(args.snapshot_dir)
     if path is None:
         return f"no {LATEST} in {args.snapshot_dir}"
     try:  # mmap: only the few bytes of the iteration are read
@@ -325,7 +324,7 @@ def setup_run(args: Any, env: du.DistEnv, name: str) -> Any:
     group = torch.distributed.get_backend() if env.group else "none"
     LOG.info("%s: rank %d/%d on %s, process group %s, launcher %s, amp=%s (training), inference_amp=%s", name,
              env.rank, env.world_size, env.device, group, env.launcher, args.amp, args.inference_amp)
-    if slurm.restart_count():
+    if slurm.restart_count() and args.stage in STOPPABLE_STAGES:
         LOG.info("SLURM job %s, requeued %d time(s): continuing with %s", slurm.job_id(), slurm.restart_count(),
                  continue_flag(args.stage))
     for path in stale:

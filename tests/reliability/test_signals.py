@@ -169,8 +169,9 @@ def test_soft_labels_stop_on_usr1_and_continue_with_skip_existing(scripts, synth
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     ref = scripts.start(argv(whole))
     job = scripts.start(argv(stopped), env={"DECOUPLENET_FAULT": "hold_mid_write:*.npy:2"})
-    wait_until(lambda: stopped.is_dir() and temp_files(stopped) != [], "the second soft label's write", 300,
-               describe=lambda: scripts.output(job))
+    # The first file is in place and the second one's temporary file there: the held write.
+    wait_until(lambda: stopped.is_dir() and len(list(stopped.glob("*.npy"))) == 1 and temp_files(stopped) != [],
+               "the second soft label's write", 300, describe=lambda: scripts.output(job))
     scripts.signal(job, signal.SIGUSR1)
     result = scripts.wait(job)
     assert result.returncode == EXIT_STOPPED, result.describe()
