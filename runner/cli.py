@@ -25,7 +25,7 @@ from model import random_backbone
 from runner import report as reports
 from runner.execute import ChildProcess, Pipeline, PipelineError, gpus_used, inputs_of, run_unit, say
 from runner.plan import ENGINE_KINDS, ENGINE_SCRIPTS, REPO, Settings, show
-from runner.recipe import Recipe, RecipeError, apply_overrides, load_recipe
+from runner.recipe import TRAINING_KINDS, Recipe, RecipeError, apply_overrides, load_recipe
 from stages import offline_thresholds
 from stages.options import build_parser as engine_parser
 from utils.files import atomic_write
@@ -233,7 +233,7 @@ def _run_only(pipeline: Pipeline, decisions: dict[str, tuple[str, str]], args: a
 
 def _drop_state(unit, drop: bool) -> None:
     state = os.path.join(unit.folder, "latest.pth")
-    if drop and unit.spec.kind in ("source_only", "phase1", "phase2") and os.path.isfile(state):
+    if drop and unit.spec.kind in TRAINING_KINDS and os.path.isfile(state):
         os.unlink(state)
 
 

@@ -148,11 +148,9 @@ class Pipeline:
                     for k, v in flags.items()}
         tokens = [*script_tokens(unit.spec), *[render(a) for a in unit.spec.args], *flag_tokens(flags, render)]
         prefix: list[str] = []
-        if self.settings.launcher == "torchrun" and unit.spec.kind in ENGINE_KINDS and "--cpu" not in flags:
-            n = len(str(flags.get("--gpus", "0,1")).split(","))
+        if self.settings.launcher == "torchrun" and unit.spec.kind in ENGINE_KINDS:
+            n = 1 if "--cpu" in flags else len(str(flags.get("--gpus", "0,1")).split(","))
             prefix = ["--standalone", f"--nproc_per_node={n}"]
-        elif self.settings.launcher == "torchrun" and unit.spec.kind in ENGINE_KINDS:
-            prefix = ["--standalone", "--nproc_per_node=1"]
         return Command(unit, tokens, identity(unit, flags, token, self.settings), rendered, prefix)
 
     def refresh(self, unit: Unit) -> Command:

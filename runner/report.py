@@ -23,6 +23,7 @@ import statistics
 from typing import Any
 
 from runner.execute import MARKER
+from runner.recipe import TRAINING_KINDS
 from utils.files import atomic_write
 
 RUN_FILE = "pipeline_run.json"  # what pipeline.py ran: recipe, seeds, stage kinds
@@ -99,7 +100,7 @@ def collect(out: str) -> dict:
                 continue
             hours = marker["seconds"] * marker.get("gpus", 0) / 3600.0
             times.setdefault(name, {})[seed] = {"seconds": marker["seconds"], "gpu_hours": hours}
-            if kind in ("source_only", "phase1", "phase2"):
+            if kind in TRAINING_KINDS:
                 deterministic[f"seed_{seed}/{name}"] = _deterministic(os.path.join(seed_dir, name))
                 acc = pseudo_label_accuracy(os.path.join(seed_dir, name, "metrics.jsonl"))
                 if acc is not None:
