@@ -193,6 +193,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     for unit in pipeline.units:
         what, _ = decisions[unit.key]
         if what == "skip":
+            _drop_state(unit, args.drop_states)  # finished in an earlier run that ended before its drop
             continue
         if child.signalled is not None:
             raise PipelineError("stopped by a signal between stages; the same pipeline.py command continues", 1)

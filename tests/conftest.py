@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.disk import DiskWatch
 from tests.helpers import REPO, filled_sourceonly_checkpoint
 
 IMG_W, IMG_H = 128, 64  # synthetic image size
@@ -68,7 +69,7 @@ def target_train_basenames(data: Mapping[str, Path]) -> list[str]:
 def fake_soft(synthetic_data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Random float32 soft labels ``[19, H/8, W/8]`` for every target train image of
     ``synthetic_data`` and a valid thresholds file. Shared: tests that alter them work on a copy."""
-    root = tmp_path_factory.mktemp("fake_soft")
+    root = tmp_path_factory.mktemp("shared_fake_soft")
     soft = root / "soft_labels"
     soft.mkdir()
     rng = np.random.default_rng(0)
@@ -84,7 +85,7 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"gta5": root, "cityscapes": root}`` of a tiny synthetic tree, generated once."""
     from datasets.synthetic import generate
 
-    out = tmp_path_factory.mktemp("synthetic")
+    out = tmp_path_factory.mktemp("shared_synthetic")
     roots = generate(out, seed=0, size=(IMG_W, IMG_H), num_source=NUM_SOURCE,
                      num_target_train=NUM_TARGET_TRAIN, num_target_val=NUM_TARGET_VAL)
     return {k: Path(v) for k, v in roots.items()}
@@ -93,7 +94,7 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sourceonly_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a ``torch.save``d source-only checkpoint (layer 1) with the filled weights."""
-    path = tmp_path_factory.mktemp("ckpt") / "sourceonly_filled.pth"
+    path = tmp_path_factory.mktemp("shared_ckpt") / "sourceonly_filled.pth"
     torch.save(filled_sourceonly_checkpoint(1), path)
     return path
 
@@ -115,6 +116,46 @@ def assert_same_state(a, b, where: str = "") -> None:
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ---------------------------------------------------------------------------- disk
+# A tiny training run still writes full ResNet-101 checkpoints (~200 MB, latest.pth ~450 MB). The
+# suite keeps its peak low: a passed test's tmp_path goes at once (tmp_path_retention_policy in
+# pytest.ini), every test's .pth files go after it, and a module's own folders lose theirs when the
+# module ends. Folders named shared_* belong to fixtures shared by several modules.
+SHARED_PREFIX = "shared_"
+_disk_watch: DiskWatch | None = None
+_running = {"test": "(setup)"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watch_disk(tmp_path_factory: pytest.TempPathFactory):
+    """Sample the temporary folder's size while the session runs (summary line: tests/disk.py)."""
+    global _disk_watch
+    _disk_watch = DiskWatch(tmp_path_factory.getbasetemp(), lambda: _running["test"])
+    yield
+
+
+def pytest_runtest_logstart(nodeid: str, location) -> None:
+    _running["test"] = nodeid
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _disk_watch is not None:
+        terminalreporter.write_line(_disk_watch.stop())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_module_checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """When a module ends, delete the .pth files in the temporary folders made while it ran
+    (those of module-scoped fixtures would otherwise stay to the end of the session)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    yield
+    for name in set(os.listdir(base)) - before:
+        if not name.startswith(SHARED_PREFIX):
+            for path in (base / name).rglob("*.pth"):
+                path.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,3 +137,30 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
                 if value.WhichOneof("value") == "simple_value":
                     scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
     return scalars
+
+
+def digest_state(obj: object) -> object:
+    """``obj`` (nested dicts, lists, tensors, numbers) with every tensor replaced by (dtype, shape,
+    SHA-256 of its bytes): two states are bit-identical exactly when their digests are equal, and
+    ``tests.conftest.assert_same_state`` compares digests as it compares states. Tests keep the
+    digests of checkpoints they compare later instead of the files (hundreds of MB each)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        return ("tensor", str(obj.dtype), tuple(obj.shape), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest())
+    if isinstance(obj, Mapping):
+        return {k: digest_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [digest_state(v) for v in obj]
+    return obj
+
+
+def digest_and_remove(folder: Path, names: tuple[str, ...]) -> dict[str, object]:
+    """``{name: digest_state(torch.load(folder / name))}`` for each of ``names`` that exists; the
+    files are deleted (disk: tests/conftest.py)."""
+    out = {}
+    for name in names:
+        path = Path(folder) / name
+        if path.is_file():
+            out[name] = digest_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            path.unlink()
+    return out

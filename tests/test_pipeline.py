@@ -176,10 +176,19 @@ def test_wrong_root_fails_in_one_line_before_training(tmp_path, synthetic_data):
 # ---------------------------------------------------------------------------- real runs (tiny)
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory) -> Path:
-    """The tiny demo recipe, seeds 1234 and 1235, run to the end."""
+    """The tiny demo recipe, seeds 1234 and 1235, run to the end; ``--drop_states`` keeps the
+    suite's disk use down (each training stage's latest.pth is ~450 MB)."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    pipeline(TINY, "--out", str(out), "--seeds", "1234,1235", "--quiet", "--latex")
+    pipeline(TINY, "--out", str(out), "--seeds", "1234,1235", "--quiet", "--latex", "--drop_states")
     return out
+
+
+@pytest.mark.slow
+def test_drop_states_removes_only_the_finished_training_states(two_seeds):
+    for seed in ("seed_1234", "seed_1235"):
+        for stage, final in (("source_only", "sourceonly.pth"), ("phase1", "GTA5_4.pth"), ("phase2", "GTA5_4.pth")):
+            folder = two_seeds / seed / stage
+            assert (folder / final).is_file() and not (folder / "latest.pth").exists(), sorted(os.listdir(folder))
 
 
 def _load(path: Path) -> dict:
@@ -255,27 +264,35 @@ def _same_checkpoints(a: Path, b: Path) -> None:
     assert (a / t).read_bytes() == (b / t).read_bytes()
 
 
+KILL_STAGES = ["source_only", "phase1", "soft_labels", "phase2"]
+
+
 @pytest.mark.slow
 def test_killed_three_times_at_random_moments_finishes_bit_identical(two_seeds, tmp_path):
     """SIGKILL to the runner's whole process group at three random moments, then the same command
     to the end: every checkpoint, soft label, threshold and reported number equals the
     uninterrupted run's (seed 1235 of the two-seed run)."""
     out = tmp_path / "killed"
-    argv = [sys.executable, "pipeline.py", TINY, "--out", str(out), "--seeds", "1235", "--quiet"]
+    argv = [sys.executable, "pipeline.py", TINY, "--out", str(out), "--seeds", "1235", "--quiet", "--drop_states"]
     rng = random.Random(23)
     kills = 0
     seen: list[str] = []
-    for _ in range(3):
+    # The moments are random within three of the four long stages, in order (not seconds from the
+    # start, which a faster machine would outrun): once the stage's folder appears, 0-4 s more.
+    for stage in sorted(rng.sample(KILL_STAGES, 3), key=KILL_STAGES.index):
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        time.sleep(rng.uniform(8, 50))
+        deadline = time.time() + 600
+        while not (out / "seed_1235" / stage).is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0, 4))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         text = proc.communicate()[0]
         seen += [ln for ln in text.splitlines() if "continues" in ln]
     assert kills == 3, "the run finished before it could be killed three times"
-    done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet").stdout
+    done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet", "--drop_states").stdout
     assert seen or "continues" in done  # at least one stage was found interrupted and continued
     _same_checkpoints(two_seeds / "seed_1235", out / "seed_1235")
     a, b = _load(two_seeds / "report.json"), _load(out / "report.json")
@@ -319,7 +336,7 @@ def test_sigterm_to_the_runner_stops_the_stage_at_an_iteration_and_the_rerun_con
     the rerun continues phase 1 from that latest.pth and ends bit-identical to the uninterrupted run
     (seed 1235 of the two-seed run). Then ``--report`` compares the two run folders."""
     out = tmp_path / "signalled"
-    argv = [sys.executable, "pipeline.py", TINY, "--out", str(out), "--seeds", "1235", "--quiet"]
+    argv = [sys.executable, "pipeline.py", TINY, "--out", str(out), "--seeds", "1235", "--quiet", "--drop_states"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = out / "seed_1235" / "phase1" / "metrics.jsonl"
@@ -333,7 +350,7 @@ def test_sigterm_to_the_runner_stops_the_stage_at_an_iteration_and_the_rerun_con
     assert len(lines) == 1 and lines[0].startswith("error: seed_1235/phase1 stopped by signal SIGTERM") \
         and "the same pipeline.py command continues" in lines[0], lines
     assert _state(out / "seed_1235" / "phase1" / "latest.pth")["iteration"] < 4
-    done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet").stdout
+    done = pipeline(TINY, "--out", str(out), "--seeds", "1235", "--quiet", "--drop_states").stdout
     assert "[seed_1235/phase1] was interrupted: continues" in done and "--resume_from auto" in done
     _same_checkpoints(two_seeds / "seed_1235", out / "seed_1235")
     compared = pipeline("--report", str(two_seeds), str(out)).stdout  # seeds 1234 and 1235 against 1235 alone

@@ -9,12 +9,14 @@ import json
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import assert_same_state, tiny_args
+from tests.helpers import digest_and_remove
 from tests.reliability.runner import ScriptRunner, Watched, temp_files
 
 
@@ -46,6 +48,7 @@ def phase2_argv(data: Mapping[str, Path], soft: Path, thresholds: Path, ckpt: Pa
 # The runs of test_signals.py and test_slurm.py: 2 ranks (CPU, gloo), 4 iterations, compared with one
 # uninterrupted torchrun run of the same schedule (the session's two_rank_reference).
 SIGNAL_STEPS = 4
+SIGNAL_COMPARED = (f"GTA5_{SIGNAL_STEPS}.pth", "latest.pth")  # what a finished run of the schedule ends with
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", "127.0.0.1:0"]
 
@@ -57,15 +60,26 @@ def signal_schedule(save_latest_every: int = 100, batch: int = 2) -> list[str]:
             "--save-pred-every", "100", "--save_latest_every", str(save_latest_every), "--print-every", "1"]
 
 
-@pytest.fixture(scope="session")
-def two_rank_reference(synthetic_data, sourceonly_ckpt, tmp_path_factory) -> Path:
-    """The snapshot folder of an uninterrupted 2-rank torchrun phase-1 run of :func:`signal_schedule`."""
-    snap = tmp_path_factory.mktemp("two_rank_reference") / "snap"
+@dataclass
+class Finished:
+    """A finished run's snapshot folder and the digests of its compared checkpoints (the files
+    themselves are deleted to keep the suite's disk use down: tests/conftest.py)."""
+
+    snap: Path
+    states: dict[str, object]
+
+
+def finished(snap: Path) -> Finished:
+    return Finished(snap, digest_and_remove(snap, SIGNAL_COMPARED))
+
+
+@pytest.fixture(scope="package")
+def two_rank_reference(synthetic_data, sourceonly_ckpt, tmp_path_factory) -> Finished:
+    """An uninterrupted 2-rank torchrun phase-1 run of :func:`signal_schedule`."""
+    snap = tmp_path_factory.mktemp("shared_two_rank_reference") / "snap"
     result = Watched([*TORCHRUN_2, *phase1_argv(synthetic_data, sourceonly_ckpt, snap, *signal_schedule())]).wait()
     assert result.returncode == 0, result.describe()
-    yield snap
-    for path in snap.glob("*.pth"):
-        path.unlink()
+    return finished(snap)
 
 
 def load_state(path: Path) -> dict:
@@ -78,18 +92,20 @@ def metrics_lines(snapshot: Path) -> list[int]:
         return [json.loads(line)["iter"] for line in f if line.strip()]
 
 
-def assert_continued_exactly(ref: Path, snap: Path) -> None:
-    """``snap`` finished bit-identical to the uninterrupted ``ref``: the final checkpoint, every entry
+def assert_continued_exactly(ref: Finished, run: Finished) -> None:
+    """``run`` finished bit-identical to the uninterrupted ``ref``: the final checkpoint, every entry
     of ``latest.pth`` (every rank's part) but the arguments, every iteration's losses; and, since the
     state was saved at the stop, no iteration was done twice."""
-    name = f"GTA5_{SIGNAL_STEPS}.pth"
-    assert_same_state(load_state(ref / name), load_state(snap / name), f"{snap.name}: {name}")
-    la, lb = load_state(ref / "latest.pth"), load_state(snap / "latest.pth")
+    snap = run.snap
+    assert set(run.states) == set(ref.states) == set(SIGNAL_COMPARED), f"{snap.name}: have {sorted(run.states)}"
+    name = SIGNAL_COMPARED[0]
+    assert_same_state(ref.states[name], run.states[name], f"{snap.name}: {name}")
+    la, lb = ref.states["latest.pth"], run.states["latest.pth"]
     assert la["iteration"] == lb["iteration"] == SIGNAL_STEPS and lb["world_size"] == la["world_size"]
     for key in la:
         if key != "args":
             assert_same_state(la[key], lb[key], f"{snap.name}: latest.pth/{key}")
     assert metrics_lines(snap) == list(range(SIGNAL_STEPS)), f"{snap.name}: iterations logged {metrics_lines(snap)}"
-    with open(ref / "metrics.jsonl", encoding="utf-8") as f, open(snap / "metrics.jsonl", encoding="utf-8") as g:
+    with open(ref.snap / "metrics.jsonl", encoding="utf-8") as f, open(snap / "metrics.jsonl", encoding="utf-8") as g:
         assert [json.loads(x) for x in f] == [json.loads(y) for y in g], f"{snap.name}: losses differ"
     assert temp_files(snap) == [], temp_files(snap)

@@ -41,7 +41,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_state
-from tests.helpers import REPO
+from tests.helpers import REPO, digest_and_remove, digest_state
 from tests.reliability.conftest import phase1_argv
 from tests.reliability.runner import BASE_ENV, temp_files
 
@@ -55,6 +55,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 RUN_TIMEOUT_S = 400
 DEAD_RANK_LIMIT_S = 30
 PARALLEL = 3
+COMPARED = (f"GTA5_{STEPS}.pth", "latest.pth")  # what each chain must end with, as the reference does
 
 # name -> (fault environment, iteration the restarted group resumes from; None: starts fresh)
 TRIALS = {
@@ -175,29 +176,45 @@ def ddp(request, synthetic_data, sourceonly_ckpt, tmp_path_factory):
                             run([*TORCHRUN, *phase1("stopped", "--resume_from", "auto")])],
         "spawned": spawn_chain,
     }
+    states: dict[str, dict] = {}
+
+    def compared(name: str) -> list[Run]:
+        """The chain's runs; the checkpoints compared with the reference's are kept as digests
+        (7 snapshots of ~650 MB would otherwise sit on disk together; tests/conftest.py)."""
+        chain = chains[name]()
+        if name != "reference":
+            states[name] = digest_and_remove(root / name, COMPARED)
+        return chain
+
     with ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {name: pool.submit(chain) for name, chain in chains.items() if name in needed}
+        futures = {name: pool.submit(compared, name) for name in chains if name in needed}
         runs = {name: f.result() for name, f in futures.items()}
-    yield root, runs
+    states["reference"] = {n: digest_state(load(root / "reference" / n)) for n in COMPARED
+                           if (root / "reference" / n).is_file()}
+    yield root, runs, states
     for path in root.rglob("*.pth"):
         path.unlink(missing_ok=True)
 
 
-def assert_same_as_reference(root: Path, name: str) -> None:
-    ref, snap = root / "reference", root / name
-    assert_same_state(load(ref / f"GTA5_{STEPS}.pth"), load(snap / f"GTA5_{STEPS}.pth"), f"{name}: GTA5_{STEPS}.pth")
-    la, lb = load(ref / "latest.pth"), load(snap / "latest.pth")
+def assert_same_as_reference(root: Path, states: dict[str, dict], name: str) -> None:
+    """``name``'s final checkpoint and latest.pth (their digests) equal the reference's."""
+    ref, got = states["reference"], states[name]
+    assert set(ref) == set(got) == set(COMPARED), f"{name}: have {sorted(got)}, reference {sorted(ref)}"
+    final = f"GTA5_{STEPS}.pth"
+    assert_same_state(ref[final], got[final], f"{name}: {final}")
+    la, lb = ref["latest.pth"], got["latest.pth"]
     assert la["iteration"] == lb["iteration"] == STEPS and lb["world_size"] == 2
     # Everything, every rank's part included; only the arguments (folders, flags) differ.
     for key in la:
         if key != "args":
             assert_same_state(la[key], lb[key], f"{name}: latest.pth/{key}")
-    assert metrics_by_iter(ref) == metrics_by_iter(snap), name
+    snap = root / name
+    assert metrics_by_iter(root / "reference") == metrics_by_iter(snap), name
     assert temp_files(snap) == [], temp_files(snap)
 
 
 def test_reference_run_keeps_each_ranks_state(ddp) -> None:
-    root, runs = ddp
+    root, runs, _ = ddp
     ref = runs["reference"][0]
     assert ref.returncode == 0, ref.describe()
     state = load(root / "reference" / "latest.pth")
@@ -216,7 +233,7 @@ def test_reference_run_keeps_each_ranks_state(ddp) -> None:
 
 @pytest.mark.parametrize("name", sorted(TRIALS))
 def test_torchrun_restart_after_a_kill_is_bit_identical(name, ddp) -> None:
-    root, runs = ddp
+    root, runs, states = ddp
     (result,) = runs[name]
     assert result.returncode == 0, result.describe()
     assert "exitcode: -9" in result.stderr, "no worker was killed:\n" + result.describe()
@@ -228,20 +245,20 @@ def test_torchrun_restart_after_a_kill_is_bit_identical(name, ddp) -> None:
         assert f"latest.pth at iteration {resumed_at}" in result.stdout, result.describe()
     if "write" in TRIALS[name][0]["DECOUPLENET_FAULT"] or "rename" in TRIALS[name][0]["DECOUPLENET_FAULT"]:
         assert "removed stale temporary file" in result.stdout, result.describe()
-    assert_same_as_reference(root, name)
+    assert_same_as_reference(root, states, name)
 
 
 def test_clean_stop_then_resume_is_bit_identical(ddp) -> None:
-    root, runs = ddp
+    root, runs, states = ddp
     first, second = runs["stopped"]
     assert first.returncode == 0, first.describe()
     assert second.returncode == 0, second.describe()
     assert "latest.pth at iteration 2" in second.stdout, second.describe()
-    assert_same_as_reference(root, "stopped")
+    assert_same_as_reference(root, states, "stopped")
 
 
 def test_spawned_rank_killed_gives_one_line_then_continues(ddp) -> None:
-    root, runs = ddp
+    root, runs, states = ddp
     killed = runs["spawned"][0]
     assert killed.returncode == 1, killed.describe()
     lines = [ln for ln in killed.stderr.splitlines() if ln.strip()]
@@ -261,11 +278,11 @@ def test_spawned_rank_killed_gives_one_line_then_continues(ddp) -> None:
     continued = runs["spawned"][1]
     assert continued.returncode == 0, continued.describe()
     assert "latest.pth at iteration 2" in continued.stdout, continued.describe()
-    assert_same_as_reference(root, "spawned")
+    assert_same_as_reference(root, states, "spawned")
 
 
 def test_other_world_size_continues_and_says_what_is_approximated(ddp) -> None:
-    root, runs = ddp
+    root, runs, _ = ddp
     assert len(runs["reference"]) == 2, runs["reference"][0].describe()
     one = runs["reference"][1]
     assert one.returncode == 0, one.describe()

@@ -36,6 +36,7 @@ from tests.reliability.conftest import (
     SIGNAL_STEPS,
     TORCHRUN_2,
     assert_continued_exactly,
+    finished,
     load_state,
     metrics_lines,
     phase1_argv,
@@ -87,10 +88,8 @@ def launched(request, synthetic_data, sourceonly_ckpt, tmp_path_factory) -> dict
         command = continue_command(stop_line(stopped.stderr))
         continued = Watched(command).wait()
         out[name] = {"stopped": stopped, "seconds": seconds, "at_stop": at_stop, "command": command,
-                     "continued": continued, "snap": root / name}
-    yield out
-    for path in root.rglob("*.pth"):
-        path.unlink()
+                     "continued": continued, "finished": finished(root / name)}
+    return out
 
 
 @pytest.mark.parametrize("name", ["torchrun", "dist"])
@@ -118,7 +117,7 @@ def test_the_printed_command_continues_bit_identically(name, launched, two_rank_
     continued = run["continued"]
     assert continued.returncode == 0, continued.describe()
     assert "latest.pth at iteration 2" in continued.stdout, continued.describe()
-    assert_continued_exactly(two_rank_reference, run["snap"])
+    assert_continued_exactly(two_rank_reference, run["finished"])
 
 
 # ---------------------------------------------------------------------------- one process

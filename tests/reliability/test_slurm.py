@@ -37,7 +37,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
-from tests.reliability.conftest import assert_continued_exactly, load_state, phase1_argv, signal_schedule
+from tests.reliability.conftest import (
+    Finished,
+    assert_continued_exactly,
+    finished,
+    load_state,
+    phase1_argv,
+    signal_schedule,
+)
 from tests.reliability.runner import BASE_ENV, wait_until
 from utils import slurm
 
@@ -102,7 +109,7 @@ def cluster(tmp_path_factory):
 class Chain:
     """What one job went through."""
 
-    snap: Path
+    run: Finished  # the snapshot folder, its compared checkpoints as digests
     log: Path
     job_id: str
     final: dict[str, str]  # scontrol show job at the end
@@ -158,7 +165,7 @@ def jobs(request, cluster, synthetic_data, sourceonly_ckpt, tmp_path_factory) ->
         job_id, log = submit_template(cluster, root, "phase1_multinode", 2,
                                       argv("srun", *signal_schedule())[2:], {})
         final = cluster.wait_job(job_id, lambda f: f.get("JobState") in FINAL_STATES, "finished", log)
-        return Chain(root / "srun", log, job_id, final)
+        return Chain(finished(root / "srun"), log, job_id, final)
 
     def usr1_mid_iteration() -> Chain:
         name = "srun_usr1"
@@ -169,7 +176,7 @@ def jobs(request, cluster, synthetic_data, sourceonly_ckpt, tmp_path_factory) ->
         sent = cluster.run("scancel", "--signal=USR1", job_id)
         assert sent.returncode == 0, sent.stderr
         at_stop, final = requeued_run(cluster, job_id, log, root / name)
-        return Chain(root / name, log, job_id, final, at_stop)
+        return Chain(finished(root / name), log, job_id, final, at_stop)
 
     def usr1_during_write() -> Chain:
         name = "dist_usr1_write"
@@ -183,16 +190,14 @@ def jobs(request, cluster, synthetic_data, sourceonly_ckpt, tmp_path_factory) ->
         sent = cluster.run("scancel", "--signal=USR1", job_id)
         assert sent.returncode == 0, sent.stderr
         at_stop, final = requeued_run(cluster, job_id, log, snap)
-        return Chain(snap, log, job_id, final, at_stop)
+        return Chain(finished(snap), log, job_id, final, at_stop)
 
     chains = {"srun": plain, "srun_usr1": usr1_mid_iteration, "dist_usr1_write": usr1_during_write}
     with ThreadPoolExecutor(len(chains)) as pool:
         futures = {name: pool.submit(chain) for name, chain in chains.items()}
         request.getfixturevalue("two_rank_reference")  # runs meanwhile (unless another module made it)
         out = {name: f.result() for name, f in futures.items()}
-    yield out
-    for path in root.rglob("*.pth"):
-        path.unlink()
+    return out
 
 
 def test_srun_without_torchrun_is_bit_identical_to_torchrun(jobs, two_rank_reference) -> None:
@@ -200,7 +205,7 @@ def test_srun_without_torchrun_is_bit_identical_to_torchrun(jobs, two_rank_refer
     assert chain.final["JobState"] == "COMPLETED" and chain.final["ExitCode"] == "0:0", chain.final
     text = chain.text()
     assert "phase1: rank 0/2 on cpu, process group gloo, launcher srun" in text, text[-4000:]
-    assert_continued_exactly(two_rank_reference, chain.snap)
+    assert_continued_exactly(two_rank_reference, chain.run)
 
 
 def test_usr1_mid_iteration_saves_that_iteration_requeues_and_resumes_exactly(jobs, two_rank_reference) -> None:
@@ -215,7 +220,7 @@ def test_usr1_mid_iteration_saves_that_iteration_requeues_and_resumes_exactly(jo
         f"requeued SLURM job {chain.job_id}, which continues with --resume_from auto" in stopped[0], stopped
     assert "resumed from" in text and "latest.pth at iteration 2" in text, text[-4000:]
     assert text.count("launcher srun") == 2, text[-4000:]  # the first run and the requeued one
-    assert_continued_exactly(two_rank_reference, chain.snap)
+    assert_continued_exactly(two_rank_reference, chain.run)
 
 
 def test_usr1_during_a_latest_write_waits_for_it_then_requeues_and_resumes_exactly(jobs, two_rank_reference) -> None:
@@ -230,7 +235,7 @@ def test_usr1_during_a_latest_write_waits_for_it_then_requeues_and_resumes_exact
     assert len(stopped) == 1 and stopped[0].startswith("stopped on SIGUSR1: after iteration 2, "), text[-6000:]
     assert f"requeued SLURM job {chain.job_id}" in stopped[0], stopped
     assert "latest.pth at iteration 3" in text, text[-4000:]
-    assert_continued_exactly(two_rank_reference, chain.snap)
+    assert_continued_exactly(two_rank_reference, chain.run)
 
 
 def test_the_local_cluster_stops_cleanly(tmp_path) -> None:
@@ -275,7 +280,7 @@ def test_runner_chain_on_the_demo_recipe_finishes(cluster, tmp_path) -> None:
     import json
 
     out = tmp_path / "chain"
-    jobs = submit_chain(cluster, out)
+    jobs = submit_chain(cluster, out, "--drop_states")  # passed on to every stage's job
     fields = {}
 
     def ended() -> bool:
@@ -293,6 +298,7 @@ def test_runner_chain_on_the_demo_recipe_finishes(cluster, tmp_path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["phase2/final"]["n"] == 1
     assert "runs: python3 train_phase1.py" in job_log(out, "seed_1234/phase1", jobs["seed_1234/phase1"]).read_text()
+    assert (out / "seed_1234" / "phase1" / "GTA5_4.pth").is_file() and not (out / "seed_1234" / "phase1" / "latest.pth").exists()
 
 
 def test_runner_chain_stops_at_a_failed_stage(cluster, tmp_path) -> None:
