@@ -128,6 +128,12 @@ _disk_watch: DiskWatch | None = None
 _running = {"test": "(setup)"}
 
 
+def drop_checkpoints(folder: Path) -> None:
+    """Delete the ``.pth`` files under ``folder`` (a failed test's folder keeps everything else)."""
+    for path in folder.rglob("*.pth"):
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _watch_disk(tmp_path_factory: pytest.TempPathFactory):
     """Sample the temporary folder's size while the session runs (summary line: tests/disk.py)."""
@@ -154,16 +160,14 @@ def _drop_module_checkpoints(tmp_path_factory: pytest.TempPathFactory):
     yield
     for name in set(os.listdir(base)) - before:
         if not name.startswith(SHARED_PREFIX):
-            for path in (base / name).rglob("*.pth"):
-                path.unlink(missing_ok=True)
+            drop_checkpoints(base / name)
 
 
 @pytest.fixture(autouse=True)
 def _drop_checkpoints(request: pytest.FixtureRequest):
     """After a test that used ``tmp_path``, delete the ``.pth`` files in it (hundreds of MB per
-    training run; pytest keeps the last three sessions' temporary folders)."""
+    training run; a failed test's tmp_path is kept)."""
     folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     yield
     if folder is not None:
-        for path in folder.rglob("*.pth"):
-            path.unlink(missing_ok=True)
+        drop_checkpoints(folder)
